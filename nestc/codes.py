@@ -1,0 +1,54 @@
+"""Stable diagnostic codes and their long explanations (`nestc explain E0NN`)."""
+
+from __future__ import annotations
+
+EXPLANATIONS: dict[str, tuple[str, str]] = {
+    # syntax
+    "E001": ("unexpected token", "The parser met a word or symbol that cannot come here. The hint lists what could."),
+    "E002": ("unexpected character", "A character that is not part of the language (names are letters, digits, `_`)."),
+    "E003": ("unexpected end of file", "The file ends inside a definition; usually a missing `}` or `)`."),
+    # names and kinds
+    "E010": ("unknown name", "A name that is not a parameter, level, binding, layer or function in scope."),
+    "E011": ("unknown kind", "A memory, objective, optimizer or layer kind that nestc does not know."),
+    "E012": ("duplicate definition", "Two levels, bindings or parameters share a name."),
+    "E013": ("missing statement", "A level or system lacks something it needs (a `model` binding, an `update`)."),
+    "E014": ("duplicate statement", "A level states the same thing twice (two `update` statements, say)."),
+    "E015": ("bad arguments", "A call has an unknown keyword, a missing argument or the wrong number of them."),
+    "E016": ("bad value", "A value has the wrong type or range (a chunk size must be a positive integer)."),
+    "E017": ("unknown parameter", "`--set NAME=V` names no parameter of the system."),
+    "E018": ("bad composition", "Something that is not a layer or level is used in the model."),
+    # rules of DESIGN §3
+    "E020": (
+        "evaluation-order cycle",
+        "Rule 1: at each token, read sites and updates must form an acyclic graph. A level reading its own "
+        "`online` state to generate its keys, values or rates needs its update before the update happens. "
+        "Read a `boundary` or `before` state instead.",
+    ),
+    "E021": (
+        "nested level slower than its owner",
+        "Rule 2: a level nested in another (`level B in A`) must update at least as often as A.",
+    ),
+    "E022": (
+        "nested chunk does not divide its owner's",
+        "Rule 2: when both levels count tokens, the inner level's chunk must divide the outer level's chunk.",
+    ),
+    "E023": (
+        "parameter ownership",
+        "Rule 3: every parameter belongs to exactly one level, trained by exactly one optimizer. The model's "
+        "layers belong to the single outermost `every step` level; give each level an owner with `in`.",
+    ),
+    "E024": ("bad owner", "`level B in A` names a level A that does not exist, or owners form a cycle."),
+    "E025": ("shape mismatch", "Sizes do not fit: `d` must be divisible by `heads`, rates have a fixed shape."),
+    "E026": ("unsupported form", "The statement is well formed but nestc does not support this form of it."),
+    "E027": ("read of unknown state", "A read mode was asked of something that is not an in-context level."),
+    # warnings
+    "W001": ("parameter without gradient", "A parameter that no gradient reaches: it will never train."),
+}
+
+
+def explain(code: str) -> str | None:
+    entry = EXPLANATIONS.get(code.upper())
+    if entry is None:
+        return None
+    title, text = entry
+    return f"{code.upper()}: {title}\n\n{text}"

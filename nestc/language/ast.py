@@ -1,0 +1,151 @@
+"""The abstract syntax of a .nest file. Every node keeps the span it was parsed from.
+
+The AST mirrors the text (the formatter prints it back); meaning is given later by elaboration into the IR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..diagnostics import Span
+
+# ---- expressions -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Number:
+    value: float
+    text: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Name:
+    id: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Kwarg:
+    name: Name
+    value: Expr
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: Name
+    args: tuple[Expr, ...]
+    kwargs: tuple[Kwarg, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # one of + - * /
+    left: Expr
+    right: Expr
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: Expr
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Per:
+    """`expr per head` / `expr per channel`: the shape a rate or memory is given along heads or channels."""
+
+    value: Expr
+    axis: Name
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Pipe:
+    """`value |> f |> g(...)`: apply the stages left to right (g(f(value)))."""
+
+    value: Expr
+    stages: tuple[Name | Call, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """`a -> b -> c`: a composition applied left to right."""
+
+    items: tuple[Expr, ...]
+    span: Span = field(compare=False)
+
+
+Expr = Number | Name | Call | BinOp | Neg | Per | Pipe | Sequence
+
+# ---- frequencies and modes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frequency:
+    """`every token` (unit token, count None), `every C tokens`, `every step`, `every N steps`, `frozen`."""
+
+    unit: str  # "token" | "step" | "frozen"
+    count: Number | Name | None
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class GradientMode:
+    mode: str  # "through" | "stop" | "truncate"
+    count: Number | Name | None
+    span: Span = field(compare=False)
+
+
+# ---- statements, levels, system -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement of a level body. `keyword` is the statement's word (memory, keys, update, ...)."""
+
+    keyword: str
+    value: Expr | Frequency | GradientMode | Name
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Level:
+    name: Name
+    owner: Name | None
+    statements: tuple[Statement, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Binding:
+    name: Name
+    value: Expr
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: Name
+    default: Expr
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class System:
+    name: Name
+    params: tuple[Param, ...]
+    items: tuple[Level | Binding, ...]
+    span: Span = field(compare=False)
+
+    @property
+    def levels(self) -> list[Level]:
+        return [i for i in self.items if isinstance(i, Level)]
+
+    @property
+    def bindings(self) -> list[Binding]:
+        return [i for i in self.items if isinstance(i, Binding)]

@@ -1,0 +1,258 @@
+"""Text to AST: the lark parser, a tree transformer that keeps spans, and friendly syntax errors."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from ..diagnostics import CompileError, Diagnostic, Source, Span
+from . import ast
+
+# What users call the terminals lark names (lark would print LBRACE; people want `{`).
+FRIENDLY_TERMINALS = {
+    "LBRACE": "`{`",
+    "RBRACE": "`}`",
+    "LPAR": "`(`",
+    "RPAR": "`)`",
+    "COMMA": "`,`",
+    "SEMICOLON": "`;`",
+    "EQUAL": "`=`",
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "PLUS": "`+`",
+    "MINUS": "`-`",
+    "STAR": "`*`",
+    "SLASH": "`/`",
+    "ROLE": "`queries`, `keys` or `values`",
+    "DECAY": "`after` or `before`",
+    "READ_MODE": "`online`, `before` or `boundary`",
+    "$END": "the end of the file",
+}
+
+MAX_EXPECTED_SHOWN = 6
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("nestc.language").joinpath("nest.lark").read_text()
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=False)
+
+
+def parse(source: Source) -> ast.System:
+    """Parse one spec file; raises CompileError with a single syntax diagnostic on bad input."""
+    try:
+        tree = _parser().parse(source.text)
+    except UnexpectedInput as exc:
+        raise CompileError([_syntax_diagnostic(exc, source)]) from None
+    try:
+        system = _ToAst(source).transform(tree)
+    except VisitError as exc:  # unwrap to the original error raised inside the transformer
+        raise exc.orig_exc from None
+    assert isinstance(system, ast.System)
+    return system
+
+
+def _terminal_name(name: str) -> str:
+    if name in FRIENDLY_TERMINALS:
+        return FRIENDLY_TERMINALS[name]
+    pattern = _parser().get_terminal(name).pattern.value if name in _terminal_names() else name
+    return f"`{pattern}`" if pattern.isidentifier() or len(pattern) <= 2 else name.lower()
+
+
+@lru_cache(maxsize=1)
+def _terminal_names() -> frozenset[str]:
+    return frozenset(t.name for t in _parser().terminals)
+
+
+def _expected(names: set[str]) -> str:
+    shown = sorted({_terminal_name(n) for n in names if not n.startswith("__")})
+    if len(shown) > MAX_EXPECTED_SHOWN:
+        shown = shown[:MAX_EXPECTED_SHOWN] + ["..."]
+    return ", ".join(shown)
+
+
+def _syntax_diagnostic(exc: UnexpectedInput, source: Source) -> Diagnostic:
+    if isinstance(exc, UnexpectedCharacters):
+        char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
+        return Diagnostic(
+            "E002",
+            f"unexpected character {char!r}",
+            source.span(exc.pos_in_stream, exc.pos_in_stream + 1),
+            hint="names are letters, digits and `_`; comments start with `#`",
+        )
+    if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
+        end = len(source.text.rstrip()) or 0
+        expected = _expected(set(exc.expected)) if hasattr(exc, "expected") else ""
+        return Diagnostic(
+            "E003",
+            "the file ends in the middle of a definition",
+            source.span(max(0, end - 1), max(1, end)),
+            hint=f"expected {expected}; is a `}}` or `)` missing?" if expected else "is a `}` missing?",
+        )
+    assert isinstance(exc, UnexpectedToken)
+    token: Token = exc.token
+    start = token.start_pos if token.start_pos is not None else 0
+    end = token.end_pos if token.end_pos is not None else start + 1
+    return Diagnostic(
+        "E001",
+        f"unexpected {_describe(token)}",
+        source.span(start, max(end, start + 1)),
+        hint=f"expected {_expected(set(exc.expected))}",
+    )
+
+
+def _describe(token: Token) -> str:
+    if token.type == "NAME":
+        return f"name `{token}`"
+    if token.type == "NUMBER":
+        return f"number `{token}`"
+    return f"`{token}`"
+
+
+@v_args(meta=True)
+class _ToAst(Transformer[Any, Any]):
+    """Lark tree to AST nodes, each with the span lark recorded for it."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__()
+        self.source = source
+
+    def _span(self, meta: Any) -> Span:
+        if getattr(meta, "empty", True):
+            return self.source.span(0, 0)
+        return self.source.span(meta.start_pos, meta.end_pos)
+
+    def _tok(self, token: Token) -> Span:
+        start = token.start_pos or 0
+        return self.source.span(start, token.end_pos if token.end_pos is not None else start + len(token))
+
+    def _name(self, token: Token) -> ast.Name:
+        return ast.Name(str(token), self._tok(token))
+
+    # ---- expressions
+    def number(self, meta: Any, children: list[Token]) -> ast.Number:
+        (tok,) = children
+        return ast.Number(float(tok), str(tok), self._tok(tok))
+
+    def name(self, meta: Any, children: list[Token]) -> ast.Name:
+        return self._name(children[0])
+
+    def call(self, meta: Any, children: list[Any]) -> ast.Call:
+        fn, *rest = children
+        args = tuple(c for c in rest if not isinstance(c, ast.Kwarg))
+        kwargs = tuple(c for c in rest if isinstance(c, ast.Kwarg))
+        return ast.Call(self._name(fn), args, kwargs, self._span(meta))
+
+    def kwarg(self, meta: Any, children: list[Any]) -> ast.Kwarg:
+        name, value = children
+        return ast.Kwarg(self._name(name), value, self._span(meta))
+
+    def _binop(op: str) -> Any:  # type: ignore[misc]  # noqa: N805 - a factory used in the class body
+        def method(self: _ToAst, meta: Any, children: list[Any]) -> ast.BinOp:
+            left, right = children
+            return ast.BinOp(op, left, right, self._span(meta))
+
+        return method
+
+    add = _binop("+")
+    sub = _binop("-")
+    mul = _binop("*")
+    div = _binop("/")
+
+    def neg(self, meta: Any, children: list[Any]) -> ast.Neg:
+        return ast.Neg(children[0], self._span(meta))
+
+    def per(self, meta: Any, children: list[Any]) -> ast.Per:
+        value, axis = children
+        return ast.Per(value, self._name(axis), self._span(meta))
+
+    def pipeline(self, meta: Any, children: list[Any]) -> ast.Pipe:
+        value, *stages = children
+        return ast.Pipe(value, tuple(stages), self._span(meta))
+
+    def sequence(self, meta: Any, children: list[Any]) -> ast.Sequence:
+        return ast.Sequence(tuple(children), self._span(meta))
+
+    # ---- frequencies and gradient modes
+    def every_token(self, meta: Any, children: list[Any]) -> ast.Frequency:
+        return ast.Frequency("token", None, self._span(meta))
+
+    def every_tokens(self, meta: Any, children: list[Any]) -> ast.Frequency:
+        return ast.Frequency("token", self._count(children[0]), self._span(meta))
+
+    def every_step(self, meta: Any, children: list[Any]) -> ast.Frequency:
+        return ast.Frequency("step", None, self._span(meta))
+
+    def every_steps(self, meta: Any, children: list[Any]) -> ast.Frequency:
+        return ast.Frequency("step", self._count(children[0]), self._span(meta))
+
+    def frozen(self, meta: Any, children: list[Any]) -> ast.Frequency:
+        return ast.Frequency("frozen", None, self._span(meta))
+
+    def _count(self, tok: Token) -> ast.Number | ast.Name:
+        if tok.type == "NUMBER":
+            return ast.Number(float(tok), str(tok), self._tok(tok))
+        return self._name(tok)
+
+    def grad_through(self, meta: Any, children: list[Any]) -> ast.GradientMode:
+        return ast.GradientMode("through", None, self._span(meta))
+
+    def grad_stop(self, meta: Any, children: list[Any]) -> ast.GradientMode:
+        return ast.GradientMode("stop", None, self._span(meta))
+
+    def grad_truncate(self, meta: Any, children: list[Any]) -> ast.GradientMode:
+        return ast.GradientMode("truncate", self._count(children[0]), self._span(meta))
+
+    # ---- statements
+    def _stmt(keyword: str) -> Any:  # type: ignore[misc]  # noqa: N805
+        def method(self: _ToAst, meta: Any, children: list[Any]) -> ast.Statement:
+            return ast.Statement(keyword, children[-1], self._span(meta))
+
+        return method
+
+    memory_stmt = _stmt("memory")
+    objective_stmt = _stmt("objective")
+    optimizer_stmt = _stmt("optimizer")
+    update_stmt = _stmt("update")
+    gradient_stmt = _stmt("outer gradient")
+
+    def role_stmt(self, meta: Any, children: list[Any]) -> ast.Statement:
+        role, value = children
+        return ast.Statement(str(role), value, self._span(meta))
+
+    def decay_stmt(self, meta: Any, children: list[Any]) -> ast.Statement:
+        return ast.Statement("decay", self._name(children[0]), self._span(meta))
+
+    def read_stmt(self, meta: Any, children: list[Any]) -> ast.Statement:
+        return ast.Statement("read", self._name(children[0]), self._span(meta))
+
+    # ---- top level
+    def owner(self, meta: Any, children: list[Token]) -> ast.Name:
+        return self._name(children[0])
+
+    def level(self, meta: Any, children: list[Any]) -> ast.Level:
+        name, *rest = children
+        owner = rest[0] if rest and isinstance(rest[0], ast.Name) else None
+        statements = tuple(c for c in rest if isinstance(c, ast.Statement))
+        return ast.Level(self._name(name), owner, statements, self._span(meta))
+
+    def binding(self, meta: Any, children: list[Any]) -> ast.Binding:
+        name, value = children
+        return ast.Binding(self._name(name), value, self._span(meta))
+
+    def param(self, meta: Any, children: list[Any]) -> ast.Param:
+        name, value = children
+        return ast.Param(self._name(name), value, self._span(meta))
+
+    def system(self, meta: Any, children: list[Any]) -> ast.System:
+        name, *rest = children
+        params = tuple(c for c in rest if isinstance(c, ast.Param))
+        items = tuple(c for c in rest if isinstance(c, (ast.Level, ast.Binding)))
+        return ast.System(self._name(name), params, items, self._span(meta))
+
+    def start(self, meta: Any, children: list[Any]) -> ast.System:
+        return children[0]  # type: ignore[no-any-return]

@@ -1,0 +1,278 @@
+"""Block-parallel implementation of a matrix-memory level (the fast path).
+
+Tokens are processed in blocks of at most ``block`` tokens; inside a block everything is computed
+in parallel with matrix products.  With the carried state S_0 and local token indices 1..L, write
+Γ_t = α_1⋯α_t (Γ_0 = 1).  Every state of the block has the form
+
+    S_t = Γ_t S_0 + Σ_{s≤t} (Γ_t/Γ_s) w_s k_sᵀ,
+
+with w_s = η_s v_s ("dot") or w_s = -η_s (P_s k_s - v_s) ("l2").  For "l2" the linearisation point
+of a token whose chunk starts inside the block at b(s) is ρ_s S_{b(s)-1}; expanding that state with
+the formula above gives a unit lower-triangular system (the WY/UT form of the chunked delta rule)
+
+    (I + diag(η) A) W = diag(η) (V - diag(λ) K S_0ᵀ),
+    A_{sr} = [r < b(s)] (λ_s/Γ_r) (k_s·k_r),   λ_s = Γ_s ("before") or Γ_{b(s)-1} ("after").
+
+Tokens continuing a chunk opened before the block use the carried P (and log_decay) instead and
+are not coupled.  Reads are o_t = S_τ q_t = Γ_τ S_0 q_t + Σ_{s≤τ} (Γ_τ/Γ_s)(k_s·q_t) w_s.
+
+Indexing convention in this file: tokens of a block are 0-based (i = 0..L-1) and the state after
+token i has state index i+1, so state index 0 is the carried S_0.  All decay ratios Γ_a/Γ_b are
+evaluated as exp(log Γ_a - log Γ_b) under a mask a ≥ b, hence never overflow.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .state import (
+    MatrixMemoryConfig,
+    MatrixMemoryState,
+    init_rows,
+    safe_log_retain,
+    truncation_mask,
+)
+
+
+@dataclass
+class _Block:
+    """Per-block quantities shared by the solve, the reads and the carry.
+
+    G: (B,H,L+1) log Γ at state indices 0..L.
+    lin_idx: (B,L) state index of each token's chunk-start state S_{b-1} (negative: chunk opened
+        before the block, the carried P applies).
+    src: (L,) state index i+1 at which token i's contribution w_i k_iᵀ enters.
+    """
+
+    G: Tensor
+    lin_idx: Tensor
+    src: Tensor
+
+
+def _gather_log_gamma(G: Tensor, idx: Tensor) -> Tensor:
+    """log Γ at per-row state indices: G (B,H,L+1), idx (B,n) -> (B,H,n)."""
+    batch, heads, _ = G.shape
+    return G.gather(2, idx[:, None, :].expand(batch, heads, idx.shape[1]))
+
+
+def _decay_ratio(G: Tensor, hi: Tensor, lo: Tensor, mask: Tensor) -> Tensor:
+    """Γ_hi / Γ_lo where mask else 0: hi (B,n), lo (B,m) or (m,), mask (B,n,m) -> (B,H,n,m).
+
+    Callers guarantee hi ≥ lo under the mask, so the ratio is ≤ 1 and exp never overflows; masked
+    entries go through exp(-inf) = 0, which has a zero (not NaN) gradient.
+    """
+    log_hi = _gather_log_gamma(G, hi)
+    if lo.dim() == 1:
+        log_lo = G[:, :, lo]
+    else:
+        log_lo = _gather_log_gamma(G, lo)
+    diff = log_hi[..., :, None] - log_lo[..., None, :]
+    return torch.where(mask[:, None], diff, float("-inf")).exp()
+
+
+def _state_at(blk: _Block, S0: Tensor, W: Tensor, k: Tensor, idx: Tensor) -> Tensor:
+    """S_idx = Γ_idx S_0 + Σ_{i+1≤idx} (Γ_idx/Γ_{i+1}) w_i k_iᵀ for a per-row index idx (B,)."""
+    hi = idx[:, None]
+    coef = _decay_ratio(blk.G, hi, blk.src, blk.src[None, None, :] <= hi[:, :, None])[:, :, 0]
+    gamma = _gather_log_gamma(blk.G, hi)[:, :, 0].exp()
+    return gamma[..., None, None] * S0 + (coef[..., None] * W).transpose(-1, -2) @ k
+
+
+def _solve_updates(
+    blk: _Block, k: Tensor, v: Tensor, lr: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig
+) -> Tensor:
+    """The update directions W (B,H,L,dv), w_i = η_i v_i ("dot") or from the UT system ("l2")."""
+    if cfg.objective == "dot":
+        return lr[..., None] * v
+    in_block = blk.lin_idx >= 0
+    lin_idx = blk.lin_idx.clamp_min(0)
+    batch, length = lin_idx.shape
+    own = blk.src.expand(batch, length)
+    # λ_i: the decay that maps S_0 to token i's linearisation point (through S_{b-1}).
+    lam_idx = lin_idx if cfg.decay == "after" else own
+    lam = _gather_log_gamma(blk.G, lam_idx).exp()
+    base_in = lam[..., None] * (k @ carry.S.transpose(-1, -2))
+    # Tokens continuing the carried chunk linearise at ρ_i P with ρ_i = 1 or α_b⋯α_t.
+    base_out = k @ carry.P.transpose(-1, -2)
+    if cfg.decay == "before":
+        base_out = (carry.log_decay[..., None] + blk.G[:, :, 1:]).exp()[..., None] * base_out
+    base = torch.where(in_block[:, None, :, None], base_in, base_out)
+    rhs = lr[..., None] * (v - base)
+    # Token i couples to token r iff r's contribution is already in S_{b(i)-1}: r+1 ≤ lin_idx(i).
+    couple = blk.src[None, None, :] <= blk.lin_idx[:, :, None]
+    A = _decay_ratio(blk.G, lam_idx, blk.src, couple) * (k @ k.transpose(-1, -2))
+    eye = torch.eye(length, dtype=k.dtype, device=k.device)
+    system = eye + lr[..., None] * A
+    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+
+def _read(
+    blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig
+) -> Tensor:
+    """o_i = S_τ q_i = Γ_τ S_0 q_i + Σ_{r+1≤τ} (Γ_τ/Γ_{r+1}) (k_r·q_i) w_r, τ per the read mode."""
+    batch, length = blk.lin_idx.shape
+    own = blk.src.expand(batch, length)
+    if cfg.read == "online":
+        tau = own
+    elif cfg.read == "before":
+        tau = own - 1
+    else:
+        tau = blk.lin_idx.clamp_min(0)
+    visible = blk.src[None, None, :] <= tau[:, :, None]
+    scores = _decay_ratio(blk.G, tau, blk.src, visible) * (q @ k.transpose(-1, -2))
+    gamma = _gather_log_gamma(blk.G, tau).exp()
+    out = gamma[..., None] * (q @ carry.S.transpose(-1, -2)) + scores @ W
+    if cfg.read == "boundary":
+        # A chunk opened before the block was read at its start state, the carried P.
+        carried = q @ carry.P.transpose(-1, -2)
+        out = torch.where((blk.lin_idx >= 0)[:, None, :, None], out, carried)
+    return out
+
+
+def _carry(
+    blk: _Block, k: Tensor, W: Tensor, carry: MatrixMemoryState, consumed: Tensor, cfg: MatrixMemoryConfig
+) -> MatrixMemoryState:
+    """State after each row's last consumed token of the block (consumed: (B,) in 0..L)."""
+    S = _state_at(blk, carry.S, W, k, consumed)
+    last = (consumed - 1).clamp_min(0)[:, None]
+    lin_last = blk.lin_idx.gather(1, last)[:, 0]
+    # The last token's chunk opened inside the block: P = S_{b-1} and log_decay = log Γ_e - log Γ_{b-1}.
+    # Otherwise (or if nothing was consumed) the carried chunk continues: P unchanged, decay grows.
+    opened_here = (consumed > 0) & (lin_last >= 0)
+    lin_last = lin_last.clamp_min(0)
+    P = torch.where(opened_here[:, None, None, None], _state_at(blk, carry.S, W, k, lin_last), carry.P)
+    log_end = _gather_log_gamma(blk.G, consumed[:, None])[:, :, 0]
+    log_start = _gather_log_gamma(blk.G, lin_last[:, None])[:, :, 0]
+    log_decay = torch.where(opened_here[:, None], log_end - log_start, carry.log_decay + log_end)
+    offset = carry.phase + consumed
+    return MatrixMemoryState(
+        S=S,
+        P=P,
+        log_decay=log_decay,
+        phase=offset % cfg.chunk,
+        chunks_done=carry.chunks_done + offset // cfg.chunk,
+        init=carry.init,
+    )
+
+
+def _run_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    log_retain: Tensor,
+    carry: MatrixMemoryState,
+    consumed: Tensor,
+    cfg: MatrixMemoryConfig,
+) -> tuple[Tensor, MatrixMemoryState]:
+    """Outputs (B,H,L,dv) of one block and the carry after it; padded tokens have η = 0, α = 1."""
+    length = q.shape[2]
+    local = torch.arange(length, device=q.device)
+    in_chunk = (carry.phase[:, None] + local) % cfg.chunk
+    G = torch.nn.functional.pad(log_retain.cumsum(-1), (1, 0))
+    blk = _Block(G=G, lin_idx=local - in_chunk, src=local + 1)
+    W = _solve_updates(blk, k, v, lr, carry, cfg)
+    return _read(blk, q, k, W, carry, cfg), _carry(blk, k, W, carry, consumed, cfg)
+
+
+def _block_bounds(steps: int, block: int, cuts: Tensor | None) -> list[int]:
+    """Block start positions: multiples of ``block`` plus every truncation point, and ``steps``."""
+    bounds = set(range(0, steps, block))
+    if cuts is not None:
+        bounds.update(torch.nonzero(cuts.any(0)).flatten().tolist())
+    return sorted(bounds) + [steps]
+
+
+def _detach_rows(state: MatrixMemoryState, rows: Tensor) -> MatrixMemoryState:
+    """Detach S and P (the whole state) of the selected rows only."""
+    cut = rows.view(-1, 1, 1, 1)
+    return MatrixMemoryState(
+        S=torch.where(cut, state.S.detach(), state.S),
+        P=torch.where(cut, state.P.detach(), state.P),
+        log_decay=state.log_decay,
+        phase=state.phase,
+        chunks_done=state.chunks_done,
+        init=state.init,
+    )
+
+
+def _with_init_gradient(state: MatrixMemoryState, delta: Tensor, init: Tensor) -> MatrixMemoryState:
+    """Add δ = θ_init - sg(θ_init) (zero-valued) so that states carry the "stop" gradient to θ_init."""
+    return MatrixMemoryState(
+        S=state.S + delta,
+        P=state.P + delta,
+        log_decay=state.log_decay,
+        phase=state.phase,
+        chunks_done=state.chunks_done,
+        init=init,
+    )
+
+
+def chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    retain: Tensor,
+    state: MatrixMemoryState,
+    cfg: MatrixMemoryConfig,
+    lengths: Tensor | None = None,
+    block: int = 64,
+) -> tuple[Tensor, MatrixMemoryState]:
+    """Same contract as ``reference.scan``, computed block-parallel (no loop over tokens).
+
+    q, k: (B,H,T,dk); v: (B,H,T,dv); lr, retain: (B,H,T); lengths: (B,) int64 or None.
+    Returns o (B,H,T,dv) and the state after each row's last valid token.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    batch, _, steps, _ = q.shape
+    if lengths is None:
+        lengths = torch.full((batch,), steps, dtype=torch.int64, device=q.device)
+    valid = torch.arange(steps, device=q.device)[None, :] < lengths[:, None]
+
+    stop = cfg.grad == "stop"
+    carry = state
+    if stop:
+        # Nothing but q and θ_init receives gradients; θ_init's is restored by δ below.
+        k, v, lr, retain = k.detach(), v.detach(), lr.detach(), retain.detach()
+        carry = state.detach()
+    # Padding: η = 0 and α = 1 make a token a no-op on the state.
+    lr = torch.where(valid[:, None], lr, torch.zeros_like(lr))
+    log_retain = torch.where(valid[:, None], safe_log_retain(retain), torch.zeros_like(retain))
+
+    cuts = None
+    if cfg.grad == "truncate":
+        cuts = truncation_mask(state.phase, state.chunks_done, cfg, steps) & valid
+    bounds = _block_bounds(steps, block, cuts)
+
+    outputs = []
+    for start, end in itertools.pairwise(bounds):
+        if cuts is not None:
+            carry = _detach_rows(carry, cuts[:, start])
+        consumed = (lengths - start).clamp(0, end - start)
+        out, carry = _run_block(
+            q[:, :, start:end],
+            k[:, :, start:end],
+            v[:, :, start:end],
+            lr[:, :, start:end],
+            log_retain[:, :, start:end],
+            carry,
+            consumed,
+            cfg,
+        )
+        outputs.append(out)
+    o = torch.cat(outputs, dim=2) if outputs else q.new_zeros(*q.shape[:3], v.shape[-1])
+
+    if stop:
+        start_state = init_rows(state.init, batch)
+        delta = start_state - start_state.detach()
+        # θ_τ = θ_init + sg(θ_τ - θ_init) for every read state, so o_t gains δ q_t.
+        o = o + q @ delta.transpose(-1, -2)
+        carry = _with_init_gradient(carry, delta, state.init)
+    o = torch.where(valid[:, None, :, None], o, torch.zeros_like(o))
+    return o, carry

@@ -1,0 +1,173 @@
+"""Configuration and carried state of a matrix-memory level.
+
+A matrix memory keeps, per batch row ``b`` and head ``h``, a state matrix ``S ∈ R^{dv×dk}`` that is
+updated once per token by one step of gradient descent on an inner objective (see ``reference.py``
+for the exact semantics).  The state carried between calls is everything needed to make streaming
+exact: the current state, the chunk-start linearisation point, the accumulated in-chunk decay, and
+the position of the stream relative to the chunk and truncation grids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+OBJECTIVES = ("dot", "l2")
+DECAYS = ("after", "before")
+READS = ("online", "before", "boundary")
+GRADS = ("through", "stop", "truncate")
+
+# Smallest retention used inside logarithms: log(1e-30) ≈ -69 keeps every cumulative sum finite
+# (no -inf - -inf) while making exp() of it indistinguishable from 0 at the precisions we use.
+_MIN_RETAIN = 1e-30
+
+
+@dataclass(frozen=True)
+class MatrixMemoryConfig:
+    """Static configuration of one matrix-memory level.
+
+    objective: "dot" (ℓ = -⟨S k, v⟩) or "l2" (ℓ = ½‖S k - v‖²).
+    decay: "after" (linearise at S_{b-1}) or "before" (linearise at α_b⋯α_t · S_{b-1}).
+    chunk: chunk size C ≥ 1; gradients inside a chunk are taken at the chunk-start state.
+    read: "online" (o_t = S_t q_t), "before" (S_{t-1} q_t) or "boundary" (S_{b-1} q_t).
+    grad: outer-gradient mode, "through", "stop" or "truncate" (every ``truncate_k`` chunks).
+    """
+
+    objective: str
+    decay: str
+    chunk: int
+    read: str
+    grad: str = "through"
+    truncate_k: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("decay", self.decay, DECAYS)
+        _check_choice("read", self.read, READS)
+        _check_choice("grad", self.grad, GRADS)
+        if int(self.chunk) != self.chunk or self.chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
+        if int(self.truncate_k) != self.truncate_k or self.truncate_k < 1:
+            raise ValueError(f"truncate_k must be an int >= 1, got {self.truncate_k!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class MatrixMemoryState:
+    """State carried between calls.
+
+    S: (B,H,dv,dk) state θ after the last consumed token.
+    P: (B,H,dv,dk) state at the start of the current chunk, S_{b-1} (undecayed).
+    log_decay: (B,H) Σ log α_s for s from the current chunk start b to the last consumed token.
+    phase: (B,) int64, tokens of the current chunk already consumed (0 ⇒ next token starts a chunk).
+    chunks_done: (B,) int64, completed chunks since the document start.
+    init: (H,dv,dk) or (B,H,dv,dk) document initial state θ_init (may require grad).
+    """
+
+    S: Tensor
+    P: Tensor
+    log_decay: Tensor
+    phase: Tensor
+    chunks_done: Tensor
+    init: Tensor
+
+    @classmethod
+    def initial(cls, init: Tensor, batch: int) -> MatrixMemoryState:
+        """Start-of-document state: S = P = θ_init, no decay, phase 0, no chunks done."""
+        start = init_rows(init, batch)
+        heads = start.shape[1]
+        zeros_long = torch.zeros(batch, dtype=torch.int64, device=init.device)
+        return cls(
+            S=start,
+            P=start,
+            log_decay=torch.zeros(batch, heads, dtype=init.dtype, device=init.device),
+            phase=zeros_long,
+            chunks_done=zeros_long.clone(),
+            init=init,
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.S.shape[0]
+
+    def detach(self) -> MatrixMemoryState:
+        """The same state cut from the autograd graph (e.g. between training segments)."""
+        return MatrixMemoryState(
+            S=self.S.detach(),
+            P=self.P.detach(),
+            log_decay=self.log_decay.detach(),
+            phase=self.phase,
+            chunks_done=self.chunks_done,
+            init=self.init.detach(),
+        )
+
+    def select(self, rows: Tensor | slice | int) -> MatrixMemoryState:
+        """The state of a subset of batch rows (an int keeps the batch dimension)."""
+        index = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        init = self.init[index] if self.init.dim() == 4 else self.init
+        return MatrixMemoryState(
+            S=self.S[index],
+            P=self.P[index],
+            log_decay=self.log_decay[index],
+            phase=self.phase[index],
+            chunks_done=self.chunks_done[index],
+            init=init,
+        )
+
+    @classmethod
+    def cat(cls, states: Sequence[MatrixMemoryState]) -> MatrixMemoryState:
+        """Concatenate states along the batch dimension (a shared (H,dv,dk) init stays shared)."""
+        first = states[0]
+        if first.init.dim() == 4:
+            init = torch.cat([s.init for s in states])
+        else:
+            init = first.init
+        return cls(
+            S=torch.cat([s.S for s in states]),
+            P=torch.cat([s.P for s in states]),
+            log_decay=torch.cat([s.log_decay for s in states]),
+            phase=torch.cat([s.phase for s in states]),
+            chunks_done=torch.cat([s.chunks_done for s in states]),
+            init=init,
+        )
+
+
+def init_rows(init: Tensor, batch: int) -> Tensor:
+    """θ_init broadcast to (B,H,dv,dk)."""
+    if init.dim() == 3:
+        return init.unsqueeze(0).expand(batch, *init.shape)
+    if init.dim() == 4 and init.shape[0] == batch:
+        return init
+    raise ValueError(f"init must be (H,dv,dk) or (B,H,dv,dk) with B={batch}, got {tuple(init.shape)}")
+
+
+def safe_log_retain(retain: Tensor) -> Tensor:
+    """log α, with α clamped away from 0 so that cumulative sums and their differences stay finite."""
+    return torch.log(retain.clamp_min(_MIN_RETAIN))
+
+
+def stop_gradient(theta: Tensor, init: Tensor) -> Tensor:
+    """θ_init + sg(θ - θ_init): the value of θ, but gradients only reach θ_init."""
+    start = init_rows(init, theta.shape[0])
+    return start + (theta - start).detach()
+
+
+def truncation_mask(phase: Tensor, chunks_done: Tensor, cfg: MatrixMemoryConfig, steps: int) -> Tensor:
+    """(B,steps) bool: the state is detached just before token j of this call.
+
+    Token j (counted from the call start) starts a chunk when (phase + j) mod C = 0; the number of
+    chunks completed before it is chunks_done + (phase + j) div C.  Truncation happens at chunk
+    starts after a positive multiple of ``truncate_k`` completed chunks.
+    """
+    pos = torch.arange(steps, device=phase.device)
+    offset = phase[:, None] + pos
+    count = chunks_done[:, None] + offset // cfg.chunk
+    starts = offset % cfg.chunk == 0
+    return starts & (count > 0) & (count % cfg.truncate_k == 0)

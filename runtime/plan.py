@@ -1,0 +1,191 @@
+"""The runtime's own plan schema: what lowering produces and what the runtime executes.
+
+Plain dataclasses with a JSON form, so a `nestc compile` directory runs where the compiler cannot be
+imported. Loading validates every name against a strict identifier pattern and every kind against the
+runtime's closed registries: nothing in a plan is ever executed as code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RuntimeInputError
+
+PLAN_VERSION = 1
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+INSTANCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\])?$")
+
+EXPR_OPS = {"const", "input", "linear", "fn", "bin"}
+FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm"}
+LAYER_OPS = {"embed", "head", "linear", "rmsnorm", "l2norm", "memory", "residual"}
+
+
+@dataclass
+class RatePlan:
+    expr: dict[str, Any]
+    shape: str  # "scalar" | "head"
+
+
+@dataclass
+class MemoryLevelPlan:
+    """Everything the runtime needs to run one in-context matrix-memory level."""
+
+    name: str
+    heads: int
+    d_key: int
+    d_value: int
+    objective: str  # "dot" | "l2"
+    optimizer: str  # "gd"
+    decay: str  # "after" | "before"
+    chunk: int
+    read: str  # "online" | "before" | "boundary"
+    gradient: str  # "through" | "stop" | "truncate"
+    truncate_k: int
+    queries: dict[str, Any]
+    keys: dict[str, Any]
+    values: dict[str, Any]
+    lr: RatePlan
+    retain: RatePlan
+
+
+@dataclass
+class LayerPlan:
+    op: str
+    name: str  # instance name: `memory[0]`, `rmsnorm`, ...
+    level: str | None = None  # for op == "memory": the level template
+    body: list[LayerPlan] = field(default_factory=list)  # for op == "residual"
+    group: str | None = None  # the repeated binding this layer belongs to, for displays
+
+
+@dataclass
+class OptimizerGroupPlan:
+    """An outer optimizer level and the parameters it trains: those of the in-context levels it owns,
+    and, for the default owner, every parameter no other group claims (the model's layers)."""
+
+    name: str
+    kind: str  # "adamw" | "sgd"
+    hyper: dict[str, float]
+    every_steps: int
+    owns_levels: list[str]
+    default: bool
+
+
+@dataclass
+class Plan:
+    system: str
+    params: dict[str, float | int]
+    d: int
+    vocab: int
+    eod: int
+    levels: dict[str, MemoryLevelPlan]
+    layers: list[LayerPlan]
+    optimizers: list[OptimizerGroupPlan]
+    window: int | None = None  # the scheduler's window; None = the whole call
+    source_hash: str = ""
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str, path: str = "plan.json") -> Plan:
+        try:
+            raw = json.loads(text)
+            return _validate(raw)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise RuntimeInputError(f"not a valid nestc plan ({exc})", path=path,
+                                    hint="re-create it with `nestc compile SPEC -o DIR`") from None
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "plan.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def load(directory: str | Path) -> Plan:
+        path = Path(directory) / "plan.json"
+        if not path.is_file():
+            raise RuntimeInputError("no plan.json in this directory", path=str(directory),
+                                    hint="create one with `nestc compile SPEC -o DIR`")
+        return Plan.from_json(path.read_text(), str(path))
+
+
+def _name(value: Any, pattern: re.Pattern[str] = IDENTIFIER) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ValueError(f"bad name {value!r}")
+    return value
+
+
+def _choice(value: Any, allowed: set[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown kind {value!r}")
+    return str(value)
+
+
+def _validate_expr(expr: Any) -> dict[str, Any]:
+    if not isinstance(expr, dict):
+        raise ValueError("an expression must be an object")
+    op = _choice(expr.get("op"), EXPR_OPS)
+    if op == "const":
+        float(expr["value"])
+    elif op == "linear":
+        _name(expr["id"])
+        _validate_expr(expr["arg"])
+    elif op == "fn":
+        _choice(expr["fn"], FUNCTIONS)
+        _validate_expr(expr["arg"])
+    elif op == "bin":
+        _choice(expr["kind"], {"+", "-", "*", "/"})
+        _validate_expr(expr["left"])
+        _validate_expr(expr["right"])
+    return expr
+
+
+def _validate_layer(raw: dict[str, Any]) -> LayerPlan:
+    op = _choice(raw["op"], LAYER_OPS)
+    body = [_validate_layer(b) for b in raw.get("body", [])]
+    level = _name(raw["level"]) if raw.get("level") is not None else None
+    group = _name(raw["group"]) if raw.get("group") is not None else None
+    return LayerPlan(op=op, name=_name(raw["name"], INSTANCE), level=level, body=body, group=group)
+
+
+def _validate_level(raw: dict[str, Any]) -> MemoryLevelPlan:
+    level = MemoryLevelPlan(**{**raw, "lr": RatePlan(**raw["lr"]), "retain": RatePlan(**raw["retain"])})
+    _name(level.name)
+    _choice(level.objective, {"dot", "l2"})
+    _choice(level.optimizer, {"gd"})
+    _choice(level.decay, {"after", "before"})
+    _choice(level.read, {"online", "before", "boundary"})
+    _choice(level.gradient, {"through", "stop", "truncate"})
+    for rate in (level.lr, level.retain):
+        _choice(rate.shape, {"scalar", "head"})
+        _validate_expr(rate.expr)
+    for expr in (level.queries, level.keys, level.values):
+        _validate_expr(expr)
+    for size in (level.heads, level.d_key, level.d_value, level.chunk, level.truncate_k):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"bad size {size!r}")
+    return level
+
+
+def _validate(raw: dict[str, Any]) -> Plan:
+    if raw.get("version") != PLAN_VERSION:
+        raise ValueError(f"plan version {raw.get('version')!r}, this runtime reads {PLAN_VERSION}")
+    levels = {_name(k): _validate_level(v) for k, v in raw["levels"].items()}
+    layers = [_validate_layer(x) for x in raw["layers"]]
+    optimizers = [OptimizerGroupPlan(**o) for o in raw["optimizers"]]
+    for o in optimizers:
+        _name(o.name)
+        _choice(o.kind, {"adamw", "sgd"})
+        for level_name in o.owns_levels:
+            _name(level_name)
+    return Plan(system=_name(raw["system"]), params=dict(raw["params"]), d=int(raw["d"]), vocab=int(raw["vocab"]),
+                eod=int(raw["eod"]), levels=levels, layers=layers, optimizers=optimizers, window=raw.get("window"),
+                source_hash=str(raw.get("source_hash", "")), version=PLAN_VERSION)
