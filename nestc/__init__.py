@@ -1,9 +1,9 @@
 """nestc: a compiler for nested learning systems.
 
-    import nestc
-    system = nestc.load("specs/deltanet.nest", d=128)          # the checked IR
-    model = nestc.compile("specs/deltanet.nest", d=128)        # an nn.Module
-    logits = model(tokens)                                     # (B, T) -> (B, T, vocab)
+import nestc
+system = nestc.load("specs/deltanet.nest", d=128)          # the checked IR
+model = nestc.compile("specs/deltanet.nest", d=128)        # an nn.Module
+logits = model(tokens)                                     # (B, T) -> (B, T, vocab)
 """
 
 from __future__ import annotations

@@ -94,8 +94,10 @@ class DiagnosticBag:
     def __init__(self) -> None:
         self.items: list[Diagnostic] = []
 
-    def error(self, code: str, message: str, span: Span | None, hint: str | None = None, **kw: object) -> None:
-        self._add(Diagnostic(code, message, span, hint, "error", list(kw.get("labels", []))))  # type: ignore[arg-type]
+    def error(
+        self, code: str, message: str, span: Span | None, hint: str | None = None, labels: list[Label] | None = None
+    ) -> None:
+        self._add(Diagnostic(code, message, span, hint, "error", list(labels or [])))
 
     def warning(self, code: str, message: str, span: Span | None, hint: str | None = None) -> None:
         self._add(Diagnostic(code, message, span, hint, "warning"))

@@ -29,8 +29,14 @@ class MemoryLayer(nn.Module):
         self.values = Expression(plan.values, d, heads * dv, heads)
         self.lr = Expression(plan.lr.expr, d, heads if plan.lr.shape == "head" else 1, heads)
         self.retain = Expression(plan.retain.expr, d, heads if plan.retain.shape == "head" else 1, heads)
-        self.config = MatrixMemoryConfig(objective=plan.objective, decay=plan.decay, chunk=plan.chunk,
-                                         read=plan.read, grad=plan.gradient, truncate_k=plan.truncate_k)
+        self.config = MatrixMemoryConfig(
+            objective=plan.objective,
+            decay=plan.decay,
+            chunk=plan.chunk,
+            read=plan.read,
+            grad=plan.gradient,
+            truncate_k=plan.truncate_k,
+        )
 
     # ---- state
     def init_state(self, batch: int, like: Tensor) -> MatrixMemoryState:
@@ -49,31 +55,41 @@ class MemoryLayer(nn.Module):
         def rate(expr: Expression) -> Tensor:
             return expr(h).expand(*h.shape[:-1], heads).transpose(1, 2)
 
-        return {"queries": split(self.queries(h)), "keys": split(self.keys(h)), "values": split(self.values(h)),
-                "lr": rate(self.lr), "retain": rate(self.retain)}
+        return {
+            "queries": split(self.queries(h)),
+            "keys": split(self.keys(h)),
+            "values": split(self.values(h)),
+            "lr": rate(self.lr),
+            "retain": rate(self.retain),
+        }
 
-    def forward_seq(self, h: Tensor, state: MatrixMemoryState, lengths: Tensor | None,
-                    probe: Probe | None) -> tuple[Tensor, MatrixMemoryState]:
+    def forward_seq(
+        self, h: Tensor, state: MatrixMemoryState, lengths: Tensor | None, probe: Probe | None
+    ) -> tuple[Tensor, MatrixMemoryState]:
         """The chunked runtime: a whole sequence (B, T, d) -> (B, T, heads * dv)."""
         x = self._inputs(h)
-        out, state = chunked(x["queries"], x["keys"], x["values"], x["lr"], x["retain"], state, self.config,
-                             lengths=lengths)
+        out, state = chunked(
+            x["queries"], x["keys"], x["values"], x["lr"], x["retain"], state, self.config, lengths=lengths
+        )
         if probe is not None:
             probe.update(x, output=out)
         return out.transpose(1, 2).flatten(-2), state
 
-    def step(self, h_t: Tensor, state: MatrixMemoryState, valid: Tensor | None,
-             probe: list[Probe] | None) -> tuple[Tensor, MatrixMemoryState]:
+    def step(
+        self, h_t: Tensor, state: MatrixMemoryState, valid: Tensor | None, probe: list[Probe] | None
+    ) -> tuple[Tensor, MatrixMemoryState]:
         """The reference interpreter: one token (B, d) -> (B, heads * dv)."""
         x = {k: v.squeeze(2) for k, v in self._inputs(h_t.unsqueeze(1)).items()}
-        out, state = reference.step(state, x["queries"], x["keys"], x["values"], x["lr"], x["retain"],
-                                    self.config, valid)
+        out, state = reference.step(
+            state, x["queries"], x["keys"], x["values"], x["lr"], x["retain"], self.config, valid
+        )
         if probe is not None:
             probe.append({**x, "output": out})
         return out.flatten(-2), state
 
 
 # ---- row-wise state manipulation (documents start and end at different tokens in different rows)
+
 
 def take_rows(state: MatrixMemoryState, rows: Tensor) -> MatrixMemoryState:
     """The states of the given rows, as a new batch."""

@@ -74,14 +74,45 @@ class CompiledModel(nn.Module):
             raise RuntimeInputError(f"unknown backend {value!r}", hint=f"choose one of {', '.join(BACKENDS)}")
         self._backend = "chunked" if value == "auto" else value
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The outer optimizer levels with the parameters each trains (exclusive: rule 3 of DESIGN §3).
+
+        A level's projections go to the optimizer level that owns it (`level memory in pretrain`); every
+        other parameter goes to the default owner, the outermost `every step` level."""
+        params: dict[str, list[nn.Parameter]] = {o.name: [] for o in self.plan.optimizers}
+        owner_of = {lv: o.name for o in self.plan.optimizers for lv in o.owns_levels}
+        default = next((o.name for o in self.plan.optimizers if o.default), None)
+        claimed: set[int] = set()
+        for layer in self.memory_layers.values():
+            group = owner_of.get(layer.plan.name, default)
+            for p in layer.parameters():
+                if group is not None and id(p) not in claimed:
+                    params[group].append(p)
+                    claimed.add(id(p))
+        for p in self.parameters():
+            if id(p) not in claimed and default is not None:
+                params[default].append(p)
+        return [
+            {"name": o.name, "kind": o.kind, "params": params[o.name], **o.hyper}
+            for o in self.plan.optimizers
+            if params[o.name]
+        ]
+
     def init_state(self, batch: int) -> ModelState:
         like = next(self.parameters())
         memories = {name: layer.init_state(batch, like) for name, layer in self.memory_layers.items()}
         return ModelState(memories, torch.zeros(batch, dtype=torch.bool, device=like.device))
 
     # ---- the call
-    def forward(self, tokens: Tensor, state: ModelState | None = None, *, doc_start: Tensor | None = None,
-                final: bool = False, probe: bool = False) -> Any:
+    def forward(
+        self,
+        tokens: Tensor,
+        state: ModelState | None = None,
+        *,
+        doc_start: Tensor | None = None,
+        final: bool = False,
+        probe: bool = False,
+    ) -> Any:
         """Without a state: a whole sequence, returns logits (B, T, V). With a state: continues a stream and
         returns (logits, state). `final=True` ends the stream (the per-token state is already flushed, so it
         changes nothing for matrix memories). With `probe=True` a dict of per-level tensors comes last."""
@@ -105,14 +136,14 @@ class CompiledModel(nn.Module):
         starts[:, 0] = state.last_was_eod if streaming else True
         if doc_start is not None:
             if doc_start.shape != tokens.shape:
-                raise RuntimeInputError(f"doc_start has shape {tuple(doc_start.shape)}, tokens "
-                                        f"{tuple(tokens.shape)}")
+                raise RuntimeInputError(f"doc_start has shape {tuple(doc_start.shape)}, tokens {tuple(tokens.shape)}")
             starts |= doc_start.bool()
         return starts
 
     # ---- the reference interpreter: one token at a time through the whole model
-    def _reference(self, tokens: Tensor, memories: dict[str, MatrixMemoryState], starts: Tensor,
-                   probe: bool) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
+    def _reference(
+        self, tokens: Tensor, memories: dict[str, MatrixMemoryState], starts: Tensor, probe: bool
+    ) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
         batch, length = tokens.shape
         fresh = self.init_state(batch).memories
         mem = dict(memories)
@@ -123,12 +154,12 @@ class CompiledModel(nn.Module):
             if reset.any():
                 mem = {name: where_rows(reset, fresh[name], s) for name, s in mem.items()}
             outputs.append(self._step(self.layers, tokens[:, t], mem, steps if probe else None))
-        probes = {name: {k: torch.stack([p[k] for p in ps], 2) for k in ps[0]} for name, ps in steps.items()
-                  if ps}
+        probes = {name: {k: torch.stack([p[k] for p in ps], 2) for k in ps[0]} for name, ps in steps.items() if ps}
         return torch.stack(outputs, 1), mem, probes
 
-    def _step(self, layers: nn.ModuleList, h: Tensor, mem: dict[str, MatrixMemoryState],
-              steps: dict[str, list[Probe]] | None) -> Tensor:
+    def _step(
+        self, layers: nn.ModuleList, h: Tensor, mem: dict[str, MatrixMemoryState], steps: dict[str, list[Probe]] | None
+    ) -> Tensor:
         for layer in layers:
             if isinstance(layer, Residual):
                 h = h + self._step(layer.body, h, mem, steps)
@@ -140,8 +171,9 @@ class CompiledModel(nn.Module):
         return h
 
     # ---- the chunked runtime: whole windows through each layer
-    def _chunked(self, tokens: Tensor, memories: dict[str, MatrixMemoryState], starts: Tensor,
-                 probe: bool) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
+    def _chunked(
+        self, tokens: Tensor, memories: dict[str, MatrixMemoryState], starts: Tensor, probe: bool
+    ) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
         batch = tokens.shape[0]
         fresh = self.init_state(batch).memories
         if not starts[:, 1:].any():  # one document per row: no repacking needed
@@ -149,15 +181,17 @@ class CompiledModel(nn.Module):
             return self._windows(tokens, mem, None, probe)
         docs = _Documents(starts)
         seg_fresh = self.init_state(docs.count).memories
-        mem = {name: where_rows(docs.carries, take_rows(s, docs.row), seg_fresh[name])
-               for name, s in memories.items()}
+        mem = {name: where_rows(docs.carries, take_rows(s, docs.row), seg_fresh[name]) for name, s in memories.items()}
         logits, mem, probes = self._windows(docs.pack(tokens), mem, docs.length, probe)
-        probes = {name: {k: docs.unpack(v.transpose(1, 2)).transpose(1, 2) for k, v in p.items()}
-                  for name, p in probes.items()}
+        probes = {
+            name: {k: docs.unpack(v.transpose(1, 2)).transpose(1, 2) for k, v in p.items()}
+            for name, p in probes.items()
+        }
         return docs.unpack(logits), {n: take_rows(s, docs.last) for n, s in mem.items()}, probes
 
-    def _windows(self, tokens: Tensor, mem: dict[str, MatrixMemoryState], lengths: Tensor | None,
-                 probe: bool) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
+    def _windows(
+        self, tokens: Tensor, mem: dict[str, MatrixMemoryState], lengths: Tensor | None, probe: bool
+    ) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
         """The scheduler: advance the whole model one window at a time (all layers per window)."""
         length = tokens.shape[1]
         window = self.plan.window or length
@@ -169,12 +203,20 @@ class CompiledModel(nn.Module):
             h = self._seq(self.layers, tokens[:, start:stop], mem, lens, probes)
             outputs.append(h)
             window_probes.append(probes)
-        merged = {name: {k: torch.cat([p[name][k] for p in window_probes], 2) for k in window_probes[0][name]}
-                  for name in (window_probes[0] if probe else {})}
+        merged = {
+            name: {k: torch.cat([p[name][k] for p in window_probes], 2) for k in window_probes[0][name]}
+            for name in (window_probes[0] if probe else {})
+        }
         return torch.cat(outputs, 1), mem, merged
 
-    def _seq(self, layers: nn.ModuleList, h: Tensor, mem: dict[str, MatrixMemoryState], lengths: Tensor | None,
-             probes: dict[str, Probe]) -> Tensor:
+    def _seq(
+        self,
+        layers: nn.ModuleList,
+        h: Tensor,
+        mem: dict[str, MatrixMemoryState],
+        lengths: Tensor | None,
+        probes: dict[str, Probe],
+    ) -> Tensor:
         for layer in layers:
             if isinstance(layer, Residual):
                 h = h + self._seq(layer.body, h, mem, lengths, probes)

@@ -97,8 +97,9 @@ class Plan:
             raw = json.loads(text)
             return _validate(raw)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise RuntimeInputError(f"not a valid nestc plan ({exc})", path=path,
-                                    hint="re-create it with `nestc compile SPEC -o DIR`") from None
+            raise RuntimeInputError(
+                f"not a valid nestc plan ({exc})", path=path, hint="re-create it with `nestc compile SPEC -o DIR`"
+            ) from None
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -112,8 +113,11 @@ class Plan:
     def load(directory: str | Path) -> Plan:
         path = Path(directory) / "plan.json"
         if not path.is_file():
-            raise RuntimeInputError("no plan.json in this directory", path=str(directory),
-                                    hint="create one with `nestc compile SPEC -o DIR`")
+            raise RuntimeInputError(
+                "no plan.json in this directory",
+                path=str(directory),
+                hint="create one with `nestc compile SPEC -o DIR`",
+            )
         return Plan.from_json(path.read_text(), str(path))
 
 
@@ -186,6 +190,16 @@ def _validate(raw: dict[str, Any]) -> Plan:
         _choice(o.kind, {"adamw", "sgd"})
         for level_name in o.owns_levels:
             _name(level_name)
-    return Plan(system=_name(raw["system"]), params=dict(raw["params"]), d=int(raw["d"]), vocab=int(raw["vocab"]),
-                eod=int(raw["eod"]), levels=levels, layers=layers, optimizers=optimizers, window=raw.get("window"),
-                source_hash=str(raw.get("source_hash", "")), version=PLAN_VERSION)
+    return Plan(
+        system=_name(raw["system"]),
+        params=dict(raw["params"]),
+        d=int(raw["d"]),
+        vocab=int(raw["vocab"]),
+        eod=int(raw["eod"]),
+        levels=levels,
+        layers=layers,
+        optimizers=optimizers,
+        window=raw.get("window"),
+        source_hash=str(raw.get("source_hash", "")),
+        version=PLAN_VERSION,
+    )

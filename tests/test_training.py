@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
+
 from nestc_runtime.errors import RuntimeInputError
 from nestc_runtime.training import (
     BYTE_VOCAB,
@@ -33,7 +35,6 @@ from nestc_runtime.training import (
     truncate_metrics,
 )
 from nestc_runtime.training import checkpoint as checkpoint_module
-from torch import nn
 
 TEXT = (
     "the quick brown fox jumps over the lazy dog. "
@@ -49,9 +50,7 @@ class Interrupted(Exception):
 class TinyLM(nn.Module):
     """Embedding, dropout (to exercise the global RNG) and a linear head over the byte vocabulary."""
 
-    def __init__(
-        self, dim: int = 16, seed: int = 0, fail_on_call: int | None = None, nan_on_call: int | None = None
-    ):
+    def __init__(self, dim: int = 16, seed: int = 0, fail_on_call: int | None = None, nan_on_call: int | None = None):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(BYTE_VOCAB, dim)
@@ -90,9 +89,7 @@ def run(out: Path, steps: int, *, resume: bool = False, model: TinyLM | None = N
     options: dict[str, Any] = {"steps": steps, "batch": 4, "seq_len": 16, "log_every": 1, "warmup": 2}
     options.update(settings)
     sampler = BatchSampler(text_tokens(), options["batch"], options["seq_len"], seed=7)
-    return train(
-        model, groups_for(model), sampler, TrainSettings(**options), out, resume=resume, progress=False
-    )
+    return train(model, groups_for(model), sampler, TrainSettings(**options), out, resume=resume, progress=False)
 
 
 def losses(out: Path) -> list[tuple[int, float]]:

@@ -149,6 +149,9 @@ class GradientMode(_Model):
     k: int = 1
 
 
+Role = Literal["queries", "keys", "values"]
+
+
 class Level(_Model):
     """One level: an in-context memory (memory, roles, objective, inner optimizer) or an outer optimizer."""
 
@@ -156,7 +159,7 @@ class Level(_Model):
     owner: Identifier | None = None
     update: Frequency
     memory: Memory | None = None
-    roles: dict[Literal["queries", "keys", "values"], Expr] = {}
+    roles: dict[Role, Expr] = {}
     objective: Objective | None = None
     inner: InnerOptimizer | None = None
     outer: OuterOptimizer | None = None

@@ -77,11 +77,12 @@ def _expected(names: set[str]) -> str:
 
 def _syntax_diagnostic(exc: UnexpectedInput, source: Source) -> Diagnostic:
     if isinstance(exc, UnexpectedCharacters):
-        char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
+        pos = exc.pos_in_stream or 0
+        char = source.text[pos] if pos < len(source.text) else ""
         return Diagnostic(
             "E002",
             f"unexpected character {char!r}",
-            source.span(exc.pos_in_stream, exc.pos_in_stream + 1),
+            source.span(pos, pos + 1),
             hint="names are letters, digits and `_`; comments start with `#`",
         )
     if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):

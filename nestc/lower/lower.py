@@ -39,8 +39,13 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
 
 def _expr(expr: ir.Expr, bag: DiagnosticBag, level: ir.Level) -> dict[str, Any]:
     for read in ir.expr_reads(expr):
-        bag.error("E026", f"`{level.name}` reads level `{read.level}` inside an expression; the runtime does not "
-                  "run level-generated inputs yet", read.span, "generate keys, values and rates from `x`")
+        bag.error(
+            "E026",
+            f"`{level.name}` reads level `{read.level}` inside an expression; the runtime does not "
+            "run level-generated inputs yet",
+            read.span,
+            "generate keys, values and rates from `x`",
+        )
     return expr.model_dump(exclude={"span"})
 
 
@@ -110,9 +115,16 @@ def _optimizer_groups(system: ir.System) -> list[OptimizerGroupPlan]:
             continue
         owned = [lv.name for lv in system.levels if lv.in_context and lv.owner == level.name]
         every = level.update.count if level.update.unit == "step" else 0
-        groups.append(OptimizerGroupPlan(name=level.name, kind=level.outer.kind, hyper=dict(level.outer.hyper),
-                                         every_steps=every, owns_levels=owned,
-                                         default=root is not None and level.name == root.name))
+        groups.append(
+            OptimizerGroupPlan(
+                name=level.name,
+                kind=level.outer.kind,
+                hyper=dict(level.outer.hyper),
+                every_steps=every,
+                owns_levels=owned,
+                default=root is not None and level.name == root.name,
+            )
+        )
     return groups
 
 

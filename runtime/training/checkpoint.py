@@ -30,9 +30,7 @@ class CheckpointMissing(RuntimeInputError):
     """The checkpoint directory, or one of its files, does not exist (the command line exits with 2)."""
 
 
-def save_checkpoint(
-    directory: str | os.PathLike[str], *, tensors: dict[str, torch.Tensor], meta: dict
-) -> Path:
+def save_checkpoint(directory: str | os.PathLike[str], *, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write `tensors` and `meta` to `directory` atomically and return its path.
 
     Tensors are copied to contiguous CPU tensors of their own first, so views and shared storage are fine.
@@ -168,9 +166,7 @@ class CheckpointManager:
 
     def __init__(self, out_dir: str | os.PathLike[str], keep: int = 3) -> None:
         if keep < 1:
-            raise RuntimeInputError(
-                f"keep must be at least 1, got {keep}", hint="for example keep_checkpoints=3"
-            )
+            raise RuntimeInputError(f"keep must be at least 1, got {keep}", hint="for example keep_checkpoints=3")
         self.out_dir = Path(out_dir)
         self.keep = keep
 

@@ -100,9 +100,7 @@ def _read_documents(root: Path, max_bytes: int) -> list[bytes]:
     budget = max_bytes
     for file in _text_candidates(root):
         if budget <= 0:
-            log.warning(
-                "corpus %s: stopped after %d bytes (max_bytes); later files are ignored", root, max_bytes
-            )
+            log.warning("corpus %s: stopped after %d bytes (max_bytes); later files are ignored", root, max_bytes)
             break
         data = _read_limited(file, budget)
         truncated = file.stat().st_size > budget
@@ -194,9 +192,7 @@ class BatchSampler:
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
         if batch < 1 or seq_len < 1:
-            raise RuntimeInputError(
-                f"batch and seq_len must be at least 1, got batch={batch}, seq_len={seq_len}"
-            )
+            raise RuntimeInputError(f"batch and seq_len must be at least 1, got batch={batch}, seq_len={seq_len}")
         if tokens.numel() < seq_len + 1:
             raise RuntimeInputError(
                 f"the corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}",

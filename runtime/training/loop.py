@@ -41,20 +41,12 @@ class TrainSettings(BaseModel):
     steps: int = Field(1000, ge=1, description="total optimizer steps of the run (a resumed run counts on)")
     batch: int = Field(8, ge=1, description="sequences per step")
     seq_len: int = Field(128, ge=1, description="tokens per sequence")
-    lr: float | None = Field(
-        None, gt=0, description="learning rate of every group; None keeps each group's own"
-    )
-    weight_decay: float | None = Field(
-        None, ge=0, description="weight decay of every group; None keeps each's"
-    )
+    lr: float | None = Field(None, gt=0, description="learning rate of every group; None keeps each group's own")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay of every group; None keeps each's")
     warmup: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
-    schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="after warm-up: cosine to 10%, or flat"
-    )
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine to 10%, or flat")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 turns it off")
-    seed: int = Field(
-        0, description="seed of the global torch RNG (and of the sampler built by make_sampler)"
-    )
+    seed: int = Field(0, description="seed of the global torch RNG (and of the sampler built by make_sampler)")
     log_every: int = Field(10, ge=1, description="steps between lines of metrics.jsonl")
     ckpt_every: int = Field(0, ge=0, description="steps between checkpoints; 0 saves only at the end")
     keep_checkpoints: int = Field(3, ge=1, description="how many of the newest checkpoints to keep")
@@ -180,9 +172,7 @@ def train(
         torch.manual_seed(settings.seed)
         start_step, elapsed_before = 0, 0.0
     run = _Progress(start_step, elapsed_before)
-    checkpoint = _run_steps(
-        model, optimizers, sampler, settings, manager, run, eod=eod, extra=extra, progress=progress
-    )
+    checkpoint = _run_steps(model, optimizers, sampler, settings, manager, run, eod=eod, extra=extra, progress=progress)
     loss_curve_png(metrics_path, out / LOSS_CURVE_FILE)
     done = settings.steps - start_step if settings.steps > start_step else 0
     seconds = time.perf_counter() - run.started
@@ -386,9 +376,7 @@ def _resume(
 
 def _required(tensors: dict[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
     if key not in tensors:
-        raise RuntimeInputError(
-            f"the checkpoint has no tensor {key!r}", path=where, hint="use another checkpoint"
-        )
+        raise RuntimeInputError(f"the checkpoint has no tensor {key!r}", path=where, hint="use another checkpoint")
     return tensors[key]
 
 
@@ -414,9 +402,7 @@ def _restore_optimizer(
 ) -> None:
     """Rebuild one optimizer's per-parameter state from its flattened tensors and scalars."""
     prefix = f"optim.{group.name}."
-    flat: dict[str, Any] = {
-        key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)
-    }
+    flat: dict[str, Any] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     flat.update(scalars)
     params = [p for g in group.optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}

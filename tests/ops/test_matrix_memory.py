@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from nestc_runtime.ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
 from torch import Tensor
+
+from nestc_runtime.ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
 
 F64 = torch.float64
 B, H, DK, DV = 2, 2, 6, 5
@@ -114,10 +115,7 @@ def test_reference_dot_closed_form(read: str) -> None:
         if t % 4 == 0:
             chunk_start = S
         previous = S
-        S = (
-            retain[:, :, t, None, None] * S
-            + lr[:, :, t, None, None] * v[:, :, t, :, None] * k[:, :, t, None, :]
-        )
+        S = retain[:, :, t, None, None] * S + lr[:, :, t, None, None] * v[:, :, t, :, None] * k[:, :, t, None, :]
         read_from = {"online": S, "before": previous, "boundary": chunk_start}[read]
         outs.append(torch.einsum("bhvk,bhk->bhv", read_from, q[:, :, t]))
     assert_close(o, torch.stack(outs, 2), 1e-12)
@@ -258,9 +256,7 @@ def test_padding_and_phases(fn: Run, grad: str, read: str) -> None:
     for row, prefix in enumerate(prefixes):
         _, s = run(chunked, make_inputs(1, prefix, seed=20 + row), cfg)
         starts.append(
-            MatrixMemoryState(
-                s.S.detach(), s.P.detach(), s.log_decay.detach(), s.phase, s.chunks_done, s.init.detach()
-            )
+            MatrixMemoryState(s.S.detach(), s.P.detach(), s.log_decay.detach(), s.phase, s.chunks_done, s.init.detach())
         )
     xs = make_inputs(B, steps, seed=30)
     q, k, v, lr_logit, retain_logit, _ = xs
@@ -280,9 +276,7 @@ def test_padding_and_phases(fn: Run, grad: str, read: str) -> None:
         loss = _weighted(o[row : row + 1], s.select(row), w)
         g_batch = torch.autograd.grad(loss, xs[:5], retain_graph=True, allow_unused=True)
         w[0] = w[0][:, :, :n]
-        g_alone = torch.autograd.grad(
-            _weighted(o_row, s_row, w), xs[:5], retain_graph=True, allow_unused=True
-        )
+        g_alone = torch.autograd.grad(_weighted(o_row, s_row, w), xs[:5], retain_graph=True, allow_unused=True)
         for a, b in zip(g_batch, g_alone):
             assert a is not None and b is not None
             assert_close(a, b)

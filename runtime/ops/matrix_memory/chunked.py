@@ -110,9 +110,7 @@ def _solve_updates(
     return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
 
 
-def _read(
-    blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig
-) -> Tensor:
+def _read(blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig) -> Tensor:
     """o_i = S_τ q_i = Γ_τ S_0 q_i + Σ_{r+1≤τ} (Γ_τ/Γ_{r+1}) (k_r·q_i) w_r, τ per the read mode."""
     batch, length = blk.lin_idx.shape
     own = blk.src.expand(batch, length)

@@ -25,9 +25,7 @@ from torch import Tensor
 from .state import MatrixMemoryConfig, MatrixMemoryState, safe_log_retain, stop_gradient
 
 
-def _entering_state(
-    state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Tensor
-) -> tuple[Tensor, Tensor]:
+def _entering_state(state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
     """(S, P) as seen by the token about to be processed, with the outer-gradient mode applied.
 
     "stop": every state is θ_init + sg(θ - θ_init).  "truncate": at a chunk start b > 0 with
@@ -126,9 +124,7 @@ def scan(
     outputs = []
     for t in range(steps):
         valid_t = None if lengths is None else lengths > t
-        o_t, state = step(
-            state, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], retain[:, :, t], cfg, valid_t
-        )
+        o_t, state = step(state, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], retain[:, :, t], cfg, valid_t)
         outputs.append(o_t)
     if not outputs:
         return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state

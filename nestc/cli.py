@@ -1,0 +1,322 @@
+"""The `nestc` command line.
+
+Exit codes (DESIGN §8): 0 success; 1 an error in the user's input (spec, data, checkpoint), printed as a
+diagnostic; 2 a usage error (bad flag, missing file); 70 an internal error (a bug), one line, with the
+traceback only under NESTC_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nestc_runtime import CompiledModel, RuntimeInputError
+
+from . import codes
+from .diagnostics import Diagnostic, SourceMap, render, to_json
+from .ir.elaborate import suggest
+from .pipeline import Compilation, SpecError, SpecFileError, front_end, to_plan
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
+FORMATS = click.Choice(["text", "json"])
+
+
+class UsageProblem(click.UsageError):
+    """A usage error found after click parsed the flags (a bad --set, say): exit 2."""
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _parse_sets(items: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """`--set NAME=V`: bare names set spec parameters (numbers), dotted names set run settings."""
+    params: dict[str, float] = {}
+    settings: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise UsageProblem(f"--set expects NAME=VALUE, got {item!r}")
+        if "." in name:
+            settings[name] = value
+            continue
+        try:
+            params[name] = float(value)
+        except ValueError:
+            raise UsageProblem(f"--set {name}={value}: a spec parameter takes a number") from None
+    return params, settings
+
+
+def _print_diagnostics(diags: list[Diagnostic], sources: SourceMap, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(to_json(diags, sources))
+        return
+    for diag in diags:
+        text = render(diag, sources)
+        color = "red" if diag.severity == "error" else "yellow"
+        first, _, rest = text.partition("\n")
+        click.echo(click.style(first, fg=color, bold=True) + ("\n" + rest if rest else ""), err=True)
+
+
+def _compile(spec: str, sets: Sequence[str], fmt: str) -> tuple[Compilation, dict[str, str]]:
+    params, settings = _parse_sets(sets)
+    compilation = front_end(spec, params)
+    if compilation.warnings and fmt == "text":
+        _print_diagnostics(compilation.warnings, compilation.sources, fmt)
+    return compilation, settings
+
+
+def _describe(compilation: Compilation) -> str:
+    system = compilation.system
+    levels = ", ".join(f"{lv.name} {lv.update.describe()}" for lv in system.levels)
+    return f"{compilation.path}: ok: system `{system.name}`, {len(system.levels)} levels ({levels})"
+
+
+# ---- commands --------------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nestc")
+def cli() -> None:
+    """nestc: compile, check and train nested-learning systems written in .nest."""
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def check(spec: str, sets: tuple[str, ...], fmt: str) -> None:
+    """Parse and check SPEC; print every error and warning."""
+    compilation, _ = _compile(spec, sets, fmt)
+    if fmt == "json":
+        click.echo(to_json(compilation.warnings, compilation.sources))
+    else:
+        click.echo(_describe(compilation))
+
+
+@cli.command(name="compile")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
+def compile_cmd(spec: str, out: str, sets: tuple[str, ...]) -> None:
+    """Compile SPEC into DIR: plan.json (what the runtime runs), ir.json, schedule.txt, the spec."""
+    compilation, _ = _compile(spec, sets, "text")
+    plan = to_plan(compilation)
+    directory = Path(out)
+    plan.save(directory)
+    _write_atomic(directory / "ir.json", compilation.system.model_dump_json(indent=2))
+    _write_atomic(directory / "schedule.txt", _schedule_text(plan))
+    _write_atomic(directory / "spec.nest", compilation.source.text)
+    click.echo(f"{compilation.path}: compiled to {directory}/ (plan.json, ir.json, schedule.txt, spec.nest)")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _schedule_text(plan: Any) -> str:
+    lines = [
+        f"system {plan.system}: d={plan.d}, vocab={plan.vocab}, end-of-document id {plan.eod}",
+        "",
+        "layers, in evaluation order:",
+    ]
+
+    def walk(layers: Any, indent: str) -> None:
+        for layer in layers:
+            if layer.op == "memory":
+                lv = plan.levels[layer.level]
+                lines.append(
+                    f"{indent}{layer.name}: matrix memory, {lv.heads} heads x {lv.d_value}x{lv.d_key}, "
+                    f"{lv.objective} + {lv.optimizer} (decay {lv.decay}), update every {lv.chunk} "
+                    f"token(s), read {lv.read}, outer gradient {lv.gradient}"
+                )
+            elif layer.op == "residual":
+                lines.append(f"{indent}residual:")
+                walk(layer.body, indent + "  ")
+            else:
+                lines.append(f"{indent}{layer.name}")
+
+    walk(plan.layers, "  ")
+    lines += ["", "outer optimizers (once per training step):"]
+    lines += [
+        f"  {o.name}: {o.kind} {o.hyper}, owns {'every other parameter' if o.default else o.owns_levels}"
+        for o in plan.optimizers
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@cli.command()
+@click.argument("code")
+def explain(code: str) -> None:
+    """Explain a diagnostic code, e.g. `nestc explain E020`."""
+    text = codes.explain(code)
+    if text is None:
+        hint = suggest(code.upper(), codes.EXPLANATIONS) or "codes look like E020"
+        raise UsageProblem(f"no diagnostic code {code!r}; {hint}")
+    click.echo(text)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(), required=True, help="A text file or a folder of them.")
+@click.option("--steps", type=click.IntRange(min=1), required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="NAME=V",
+    help="Spec parameter (d=128) or run setting (train.batch=16, optim.lr=1e-3).",
+)
+@click.option("--batch", type=click.IntRange(min=1), default=None)
+@click.option("--seq-len", type=click.IntRange(min=2), default=None)
+@click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train(
+    spec: str,
+    data: str,
+    steps: int,
+    out: str,
+    sets: tuple[str, ...],
+    batch: int | None,
+    seq_len: int | None,
+    backend: str,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """Train SPEC on a text corpus with its outer optimizer levels."""
+    import torch
+
+    from nestc_runtime.training import load_corpus, make_sampler
+    from nestc_runtime.training import train as run_training
+
+    compilation, raw_settings = _compile(spec, sets, "text")
+    settings = _train_settings(raw_settings, steps=steps, batch=batch, seq_len=seq_len)
+    plan = to_plan(compilation)
+    torch.manual_seed(settings.seed)
+    model = CompiledModel(plan, backend=backend)
+    tokens = load_corpus(data)
+    sampler, _ = make_sampler(tokens, settings)
+    directory = Path(out)
+    plan.save(directory)
+    meta = {"system": plan.system, "source_hash": plan.source_hash, "params": plan.params}
+    n_params = sum(p.numel() for p in model.parameters())
+    click.echo(
+        f"training `{plan.system}` ({n_params:,} parameters, backend {model.backend}) on {data} "
+        f"({tokens.numel():,} tokens) for {settings.steps} steps",
+        err=True,
+    )
+    result = run_training(
+        model,
+        model.optimizer_groups(),
+        sampler,
+        settings,
+        directory,
+        eod=plan.eod,
+        resume=resume,
+        progress=progress,
+        extra_meta=meta,
+    )
+    click.echo(
+        json.dumps(
+            {k: result[k] for k in ("first_loss", "last_loss", "steps", "tokens_per_s")}
+            | {"checkpoint": str(result["checkpoint"])}
+        )
+    )
+
+
+SETTING_SECTIONS = {"train", "optim"}
+
+
+def _train_settings(raw: dict[str, str], **flags: int | None) -> Any:
+    from pydantic import ValidationError
+
+    from nestc_runtime.training import TrainSettings
+
+    values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    fields = TrainSettings.model_fields
+    for dotted, value in raw.items():
+        section, _, name = dotted.partition(".")
+        if section not in SETTING_SECTIONS or name not in fields:
+            hint = suggest(name, fields) or f"run settings: {', '.join(fields)}"
+            raise UsageProblem(f"--set {dotted}: no such run setting ({hint})")
+        values[name] = value
+    try:
+        return TrainSettings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UsageProblem(f"--set {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+# ---- the entry point: every failure becomes one clear message and an exit code ------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    code = _run(list(argv) if argv is not None else sys.argv[1:])
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        result = cli.main(args=argv, prog_name="nestc", standalone_mode=False)
+        return int(result) if isinstance(result, int) else EXIT_OK
+    except click.UsageError as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except SpecFileError as exc:
+        click.echo(click.style("error: ", fg="red", bold=True) + str(exc), err=True)
+        return EXIT_USAGE
+    except SpecError as exc:
+        _print_diagnostics(exc.diagnostics, exc.sources, _format_flag(argv))
+        return EXIT_INPUT
+    except RuntimeInputError as exc:
+        return _input_error(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback only on request
+        if os.environ.get("NESTC_DEBUG") == "1":
+            traceback.print_exc()
+        click.echo(
+            f"internal error (a bug in nestc): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            "; please report it with the output of NESTC_DEBUG=1",
+            err=True,
+        )
+        return EXIT_BUG
+
+
+def _input_error(exc: RuntimeInputError) -> int:
+    from nestc_runtime.training.checkpoint import CheckpointMissing
+
+    where = f"{exc.path}: " if exc.path else ""
+    click.echo(click.style("error: ", fg="red", bold=True) + where + exc.message, err=True)
+    if exc.hint:
+        click.echo(f"  = hint: {exc.hint}", err=True)
+    return EXIT_USAGE if isinstance(exc, CheckpointMissing) else EXIT_INPUT
+
+
+def _format_flag(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--format" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--format="):
+            return arg.split("=", 1)[1]
+    return "text"
