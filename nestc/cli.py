@@ -167,7 +167,7 @@ def explain(code: str) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--data", type=click.Path(), required=True, help="A text file or a folder of them.")
+@click.option("--data", type=click.Path(exists=True), required=True, help="A text file or a folder of them.")
 @click.option("--steps", type=click.IntRange(min=1), required=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
 @click.option(

@@ -42,6 +42,43 @@ def _parser() -> Lark:
     return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=False)
 
 
+# Bad snippets whose parser state names a mistake better than "unexpected token" (lark's match_examples).
+SYNTAX_EXAMPLES: dict[str, tuple[str, list[str]]] = {
+    "a level statement outside a level": (
+        "`update`, `memory`, `keys`, ... belong inside `level NAME { ... }`",
+        ["update every token", "update every step", "memory matrix", "read online", "keys linear(x)"],
+    ),
+    "an operator has nothing on one side": (
+        "each `->` composes two layers or levels: `a -> b`",
+        ["model = a -> }", "model = -> a"],
+    ),
+}
+NAMED_HINTS = {label: hint for label, (hint, _) in SYNTAX_EXAMPLES.items()} | {
+    "a parameter needs a default value": "write parameters as `name = value`, e.g. `system s(d = 64)`"
+}
+PARAMETER_EXAMPLES = (
+    "system s(d) { }",
+    "system s(d 64) { }",
+    "system s(a = 1, d) { }",
+    "system s(a = 1, b = 2, d) { }",
+)
+# Parser states depend on what precedes the error, so each body snippet is tried after a few prefixes.
+_PREFIXES = [
+    f"system s({params}) {{ {items} "
+    for params in ("", "d = 1", "d = 1, e = 2", "d = 1, e = 2, f = 3")
+    for items in ("", "level a { } ", "b = c ", "level a { } b = c ", "b = c level a { } ")
+]
+
+
+@lru_cache(maxsize=1)
+def _examples() -> dict[str, list[str]]:
+    examples = {
+        label: [p + body for p in _PREFIXES for body in bodies] for label, (_, bodies) in SYNTAX_EXAMPLES.items()
+    }
+    examples["a parameter needs a default value"] = list(PARAMETER_EXAMPLES)
+    return examples
+
+
 def parse(source: Source) -> ast.System:
     """Parse one spec file; raises CompileError with a single syntax diagnostic on bad input."""
     try:
@@ -78,6 +115,14 @@ def _expected(names: set[str]) -> str:
 def _syntax_diagnostic(exc: UnexpectedInput, source: Source) -> Diagnostic:
     if isinstance(exc, UnexpectedCharacters):
         pos = exc.pos_in_stream or 0
+        operator = source.text[max(0, pos - 1) : pos + 1]
+        if operator in ("->", "|>"):  # lexed as `-` / `|` because the operator cannot come here
+            return Diagnostic(
+                "E001",
+                f"unexpected `{operator}`",
+                source.span(pos - 1, pos + 1),
+                hint="each `->` composes two layers or levels: `a -> b`",
+            )
         char = source.text[pos] if pos < len(source.text) else ""
         return Diagnostic(
             "E002",
@@ -86,24 +131,31 @@ def _syntax_diagnostic(exc: UnexpectedInput, source: Source) -> Diagnostic:
             hint="names are letters, digits and `_`; comments start with `#`",
         )
     if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
-        end = len(source.text.rstrip()) or 0
-        expected = _expected(set(exc.expected)) if hasattr(exc, "expected") else ""
+        end = len(source.text.rstrip())
         return Diagnostic(
             "E003",
             "the file ends in the middle of a definition",
             source.span(max(0, end - 1), max(1, end)),
-            hint=f"expected {expected}; is a `}}` or `)` missing?" if expected else "is a `}` missing?",
+            hint="is a closing `}` or `)` missing?",
         )
     assert isinstance(exc, UnexpectedToken)
     token: Token = exc.token
+    named = _named_mistake(exc, source.text)
     start = token.start_pos if token.start_pos is not None else 0
     end = token.end_pos if token.end_pos is not None else start + 1
-    return Diagnostic(
-        "E001",
-        f"unexpected {_describe(token)}",
-        source.span(start, max(end, start + 1)),
-        hint=f"expected {_expected(set(exc.expected))}",
-    )
+    message = f"unexpected {_describe(token)}"
+    hint = f"expected {_expected(set(exc.expected))}"
+    if named is not None:
+        message, hint = f"{message}: {named}", NAMED_HINTS[named]
+    return Diagnostic("E001", message, source.span(start, max(end, start + 1)), hint=hint)
+
+
+def _named_mistake(exc: UnexpectedInput, text: str) -> str | None:
+    try:
+        label = exc.match_examples(_parser().parse, _examples(), use_accepts=True)
+    except Exception:  # match_examples re-parses snippets; a failure there must not hide the real error
+        return None
+    return label if isinstance(label, str) else None
 
 
 def _describe(token: Token) -> str:

@@ -1,0 +1,90 @@
+"""Rules of DESIGN §3 on valid and invalid systems, the IR's JSON round trip, and --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import nestc
+from nestc.ir.graph import evaluation_graph
+from nestc.ir.models import System
+from nestc.pipeline import SpecError, front_end
+
+SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.nest"))
+ROOT = Path(__file__).parent / "bad_specs"
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_shipped_specs_check_clean(path: Path) -> None:
+    compilation = front_end(path)
+    assert compilation.warnings == []
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_ir_json_round_trip(path: Path) -> None:
+    system = nestc.load(path)
+    again = System.model_validate_json(system.model_dump_json())
+    assert again == system
+
+
+def test_cycle_error_names_every_site() -> None:
+    with pytest.raises(SpecError) as info:
+        front_end(ROOT / "e020_cycle_two_levels.nest")
+    (diag,) = [d for d in info.value.diagnostics if d.code == "E020"]
+    for site in ("update of `a`", "update of `b`", "`a` read online (b.values)", "`b` read online (a.keys)"):
+        assert site in diag.message
+
+
+def test_boundary_self_read_is_not_a_cycle(tmp_path: Path) -> None:
+    text = (ROOT / "e020_cycle_online_self_keys.nest").read_text().replace("read = online", "read = boundary")
+    spec = tmp_path / "ok.nest"
+    spec.write_text(text)
+    system = nestc.load(spec)  # checks clean: the level generates its keys from its boundary state
+    graph = evaluation_graph(system)
+    assert ("read", "m", "boundary", "m.keys") in graph
+    assert not graph.has_edge(("update", "m"), ("read", "m", "boundary", "m.keys"))
+
+
+def test_nesting_errors_name_both_levels_and_numbers() -> None:
+    with pytest.raises(SpecError) as info:
+        front_end(ROOT / "e022_chunk_not_dividing.nest")
+    message = str(info.value)
+    assert "`inner`" in message and "`outer`" in message and "24" in message and "64" in message
+    with pytest.raises(SpecError) as info:
+        front_end(ROOT / "e021_nested_slower.nest")
+    message = str(info.value)
+    assert "`slow`" in message and "`fast`" in message and "256" in message and "16" in message
+
+
+def test_all_errors_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
+    spec = tmp_path / "many.nest"
+    spec.write_text(
+        "system s(d = 16, heads = 2, vocab = 257) {\n"
+        "  level train { update every step; optimizer adamw(lr = 1e-3, lr = 2) }\n"
+        "  level m in train { memory matrx; keys linear(x); values linear(x); queries foo(x)\n"
+        "    objective l2(m(keys), values); optimizer gd(lr = 1); update every token }\n"
+        "  model = embed -> m -> hed\n"
+        "}\n"
+    )
+    with pytest.raises(SpecError) as info:
+        front_end(spec)
+    codes = sorted(d.code for d in info.value.diagnostics)
+    assert codes == ["E010", "E010", "E011", "E015"], codes
+
+
+def test_set_overrides_parameters_and_rejects_unknown_names() -> None:
+    spec = Path(__file__).parents[1] / "specs" / "deltanet.nest"
+    assert nestc.load(spec, d=32, heads=4).params["d"] == 32
+    with pytest.raises(SpecError) as info:
+        nestc.load(spec, dd=32)
+    assert "E017" in str(info.value) and "did you mean `d`?" in str(info.value)
+
+
+def test_stop_mode_warns_about_projections_without_gradient(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[1] / "specs" / "deltanet.nest").read_text()
+    spec = tmp_path / "stop.nest"
+    spec.write_text(text.replace("outer gradient through", "outer gradient stop"))
+    warnings = front_end(spec).warnings
+    assert [w.code for w in warnings] == ["W001"]
+    assert "keys, values, lr" in warnings[0].message
