@@ -85,7 +85,8 @@ def main() -> None:
     rows = {spec: bench_spec(spec, args) for spec in SPECS}
     header = f"{'spec':18} {'chunked fwd':>12} {'reference fwd':>14} {'ratio':>7} {'fwd tok/s':>10} {'train tok/s':>12}"
     print(f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, matmul {rate:.0f} GFLOP/s")
-    print(f"d={args.d} heads={args.heads} layers={args.layers} batch={args.batch} T={args.seq}; medians of {args.repeats}")
+    sizes = f"d={args.d} heads={args.heads} layers={args.layers} batch={args.batch} T={args.seq}"
+    print(f"{sizes}; medians of {args.repeats}")
     print(header)
     for spec, r in rows.items():
         print(

@@ -26,6 +26,23 @@ class Name:
 
 
 @dataclass(frozen=True)
+class Indexed:
+    """`cms[1]`: one instance of a level repeated over a list."""
+
+    name: Name
+    index: Number
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
+class ListExpr:
+    """`[16, 64, 256]`: a list parameter or argument."""
+
+    items: tuple[Expr, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Kwarg:
     name: Name
     value: Expr
@@ -80,7 +97,7 @@ class Sequence:
     span: Span = field(compare=False)
 
 
-Expr = Number | Name | Call | BinOp | Neg | Per | Pipe | Sequence
+Expr = Number | Name | Indexed | ListExpr | Call | BinOp | Neg | Per | Pipe | Sequence
 
 # ---- frequencies and modes --------------------------------------------------------------------------
 
@@ -105,11 +122,31 @@ class GradientMode:
 
 
 @dataclass(frozen=True)
+class Selectors:
+    """`params matrices, gains`: which parameters an optimizer level trains."""
+
+    names: tuple[Name, ...]
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Statement:
-    """One statement of a level body. `keyword` is the statement's word (memory, keys, update, ...)."""
+    """One statement of a level body. `keyword` is the statement's word (memory, keys, update, ...).
+
+    `count` is the coarser boundary of `read boundary every N tokens`."""
 
     keyword: str
-    value: Expr | Frequency | GradientMode | Name
+    value: Expr | Frequency | GradientMode | Selectors
+    span: Span = field(compare=False)
+    count: Number | Name | None = None
+
+
+@dataclass(frozen=True)
+class LevelRange:
+    """`level cms[c in chunks]`: one level per element of a list, with `c` bound to the element."""
+
+    var: Name
+    over: Expr
     span: Span = field(compare=False)
 
 
@@ -119,6 +156,7 @@ class Level:
     owner: Name | None
     statements: tuple[Statement, ...]
     span: Span = field(compare=False)
+    range: LevelRange | None = None
 
 
 @dataclass(frozen=True)
@@ -136,11 +174,21 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Import:
+    path: str
+    span: Span = field(compare=False)
+
+
+@dataclass(frozen=True)
 class System:
+    """A whole spec (`system NAME(params) { ... }`) or an importable fragment (`fragment NAME { ... }`)."""
+
     name: Name
     params: tuple[Param, ...]
     items: tuple[Level | Binding, ...]
     span: Span = field(compare=False)
+    imports: tuple[Import, ...] = ()
+    is_fragment: bool = False
 
     @property
     def levels(self) -> list[Level]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -200,6 +201,13 @@ class _ToAst(Transformer[Any, Any]):
         kwargs = tuple(c for c in rest if isinstance(c, ast.Kwarg))
         return ast.Call(self._name(fn), args, kwargs, self._span(meta))
 
+    def indexed(self, meta: Any, children: list[Token]) -> ast.Indexed:
+        name, index = children
+        return ast.Indexed(self._name(name), ast.Number(float(index), str(index), self._tok(index)), self._span(meta))
+
+    def list(self, meta: Any, children: list[Any]) -> ast.ListExpr:
+        return ast.ListExpr(tuple(c for c in children if c is not None), self._span(meta))
+
     def kwarg(self, meta: Any, children: list[Any]) -> ast.Kwarg:
         name, value = children
         return ast.Kwarg(self._name(name), value, self._span(meta))
@@ -281,17 +289,34 @@ class _ToAst(Transformer[Any, Any]):
         return ast.Statement("decay", self._name(children[0]), self._span(meta))
 
     def read_stmt(self, meta: Any, children: list[Any]) -> ast.Statement:
-        return ast.Statement("read", self._name(children[0]), self._span(meta))
+        count = children[1] if len(children) > 1 else None
+        return ast.Statement("read", self._name(children[0]), self._span(meta), count)
+
+    def read_every(self, meta: Any, children: list[Token]) -> ast.Number | ast.Name:
+        return self._count(children[0])
+
+    def stopgrad_stmt(self, meta: Any, children: list[Any]) -> ast.Statement:
+        span = self._span(meta)
+        return ast.Statement("stopgrad targets", ast.Name("targets", span), span)
+
+    def params_stmt(self, meta: Any, children: list[Token]) -> ast.Statement:
+        span = self._span(meta)
+        return ast.Statement("params", ast.Selectors(tuple(self._name(t) for t in children), span), span)
 
     # ---- top level
     def owner(self, meta: Any, children: list[Token]) -> ast.Name:
         return self._name(children[0])
 
+    def level_range(self, meta: Any, children: list[Any]) -> ast.LevelRange:
+        var, over = children
+        return ast.LevelRange(self._name(var), over, self._span(meta))
+
     def level(self, meta: Any, children: list[Any]) -> ast.Level:
         name, *rest = children
-        owner = rest[0] if rest and isinstance(rest[0], ast.Name) else None
+        level_range = next((c for c in rest if isinstance(c, ast.LevelRange)), None)
+        owner = next((c for c in rest if isinstance(c, ast.Name)), None)
         statements = tuple(c for c in rest if isinstance(c, ast.Statement))
-        return ast.Level(self._name(name), owner, statements, self._span(meta))
+        return ast.Level(self._name(name), owner, statements, self._span(meta), level_range)
 
     def binding(self, meta: Any, children: list[Any]) -> ast.Binding:
         name, value = children
@@ -307,5 +332,13 @@ class _ToAst(Transformer[Any, Any]):
         items = tuple(c for c in rest if isinstance(c, (ast.Level, ast.Binding)))
         return ast.System(self._name(name), params, items, self._span(meta))
 
+    def fragment(self, meta: Any, children: list[Any]) -> ast.System:
+        name, *items = children
+        return ast.System(self._name(name), (), tuple(items), self._span(meta), is_fragment=True)
+
+    def import_stmt(self, meta: Any, children: list[Token]) -> ast.Import:
+        return ast.Import(str(children[0])[1:-1], self._span(meta))
+
     def start(self, meta: Any, children: list[Any]) -> ast.System:
-        return children[0]  # type: ignore[no-any-return]
+        *imports, body = children
+        return dataclasses.replace(body, imports=tuple(imports))

@@ -19,6 +19,11 @@ are not coupled.  Reads are o_t = S_τ q_t = Γ_τ S_0 q_t + Σ_{s≤τ} (Γ_τ/
 Indexing convention in this file: tokens of a block are 0-based (i = 0..L-1) and the state after
 token i has state index i+1, so state index 0 is the carried S_0.  All decay ratios Γ_a/Γ_b are
 evaluated as exp(log Γ_a - log Γ_b) under a mask a ≥ b, hence never overflow.
+
+Scope of the parallel form: optimizer "gd" with a scalar (per-head) retention.  Every other
+combination ("momentum_gd", "dgd", a per-channel retention (B,H,T,dk)) runs through
+``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a per-token loop over the
+reference step behind the same API (identical results and gradients, no parallelism over tokens).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import reference
 from .state import (
     MatrixMemoryConfig,
     MatrixMemoryState,
@@ -154,6 +160,7 @@ def _carry(
         phase=offset % cfg.chunk,
         chunks_done=carry.chunks_done + offset // cfg.chunk,
         init=carry.init,
+        momentum=carry.momentum,
     )
 
 
@@ -195,6 +202,7 @@ def _detach_rows(state: MatrixMemoryState, rows: Tensor) -> MatrixMemoryState:
         phase=state.phase,
         chunks_done=state.chunks_done,
         init=state.init,
+        momentum=state.momentum,
     )
 
 
@@ -207,7 +215,32 @@ def _with_init_gradient(state: MatrixMemoryState, delta: Tensor, init: Tensor) -
         phase=state.phase,
         chunks_done=state.chunks_done,
         init=init,
+        momentum=state.momentum,
     )
+
+
+def has_parallel_form(cfg: MatrixMemoryConfig, retain: Tensor, state: MatrixMemoryState) -> bool:
+    """Whether ``chunked`` runs block-parallel (True) or through the scan fallback (False)."""
+    return cfg.optimizer == "gd" and retain.dim() == 3 and state.log_decay.dim() == 2
+
+
+def _scan_fallback(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    retain: Tensor,
+    state: MatrixMemoryState,
+    cfg: MatrixMemoryConfig,
+    lengths: Tensor | None,
+    momentum: Tensor | None,
+) -> tuple[Tensor, MatrixMemoryState]:
+    """The compiled-scan fallback (DESIGN §3): a per-token loop over ``reference.step``.
+
+    Used where no parallel form is implemented; it is the reference recurrence itself, so outputs,
+    states and gradients are those of the oracle.
+    """
+    return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
 
 
 def chunked(
@@ -220,14 +253,19 @@ def chunked(
     cfg: MatrixMemoryConfig,
     lengths: Tensor | None = None,
     block: int = 64,
+    momentum: Tensor | None = None,
 ) -> tuple[Tensor, MatrixMemoryState]:
     """Same contract as ``reference.scan``, computed block-parallel (no loop over tokens).
 
-    q, k: (B,H,T,dk); v: (B,H,T,dv); lr, retain: (B,H,T); lengths: (B,) int64 or None.
+    q, k: (B,H,T,dk); v: (B,H,T,dv); lr: (B,H,T); retain: (B,H,T) or (B,H,T,dk) per channel;
+    lengths: (B,) int64 or None; momentum: β (B,H,T) or (B,H,T,dk), for "momentum_gd".
     Returns o (B,H,T,dv) and the state after each row's last valid token.
+    Combinations outside the parallel form run the scan fallback (see the module docstring).
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    if not has_parallel_form(cfg, retain, state):
+        return _scan_fallback(q, k, v, lr, retain, state, cfg, lengths, momentum)
     batch, _, steps, _ = q.shape
     if lengths is None:
         lengths = torch.full((batch,), steps, dtype=torch.int64, device=q.device)

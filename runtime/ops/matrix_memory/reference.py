@@ -6,8 +6,13 @@ For token t in the chunk starting at b (b a multiple of C from the document star
     P_t = (α_b ⋯ α_t) · S_{b-1}           (decay "before")
     g_t = (P_t k_t - v_t) k_tᵀ            (objective "l2")
     g_t = -v_t k_tᵀ                       (objective "dot")
-    S_t = α_t S_{t-1} - η_t g_t
+    S_t = α_t S_{t-1} - η_t g_t                        (optimizer "gd")
+    m_t = β_t m_{t-1} - η_t g_t,  S_t = α_t S_{t-1} + m_t  (optimizer "momentum_gd", Titans Eq. 13-14)
+    S_t = S_{t-1} (α_t I - η_t k_t k_tᵀ) - η_t g_t      (optimizer "dgd", Eq. 88)
     o_t = S_τ q_t,   τ = t ("online"), t-1 ("before"), b-1 ("boundary")
+
+A retention α_t of shape (B,H,dk) is per channel and acts on the key axis: α_t S means S·diag(α_t)
+(and α_b ⋯ α_t · S_{b-1} is S_{b-1}·diag(α_b ⊙ ⋯ ⊙ α_t)); the same holds for β_t on m.
 
 Outer-gradient modes only change autograd: "stop" replaces every state by θ_init + sg(θ - θ_init)
 (and detaches the carried log_decay, so no gradient reaches k, v, η, α through the state);
@@ -22,25 +27,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .state import MatrixMemoryConfig, MatrixMemoryState, safe_log_retain, stop_gradient
+from .state import MatrixMemoryConfig, MatrixMemoryState, safe_log_retain, scale_keys, stop_gradient
 
 
-def _entering_state(state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """(S, P) as seen by the token about to be processed, with the outer-gradient mode applied.
+def _rows(mask: Tensor, x: Tensor) -> Tensor:
+    """A (B,) mask viewed to broadcast against x (B,...)."""
+    return mask.view(-1, *([1] * (x.dim() - 1)))
 
-    "stop": every state is θ_init + sg(θ - θ_init).  "truncate": at a chunk start b > 0 with
-    (b / C) mod k = 0 the whole state is detached, for the rows where the token is real.
+
+def _entering_state(
+    state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(S, P, m) as seen by the token about to be processed, with the outer-gradient mode applied.
+
+    "stop": every state is θ_init + sg(θ - θ_init) (the momentum starts at 0, so it is detached).
+    "truncate": at a chunk start b > 0 with (b / C) mod k = 0 the whole state is detached, for the
+    rows where the token is real.
     """
-    S, P = state.S, state.P
+    S, P, m = state.S, state.P, state.momentum
     if cfg.grad == "stop":
-        return stop_gradient(S, state.init), stop_gradient(P, state.init)
+        return stop_gradient(S, state.init), stop_gradient(P, state.init), m.detach()
     if cfg.grad == "truncate":
         starting = state.phase == 0
         done = state.chunks_done
         cut = (starting & (done > 0) & (done % cfg.truncate_k == 0) & valid).view(-1, 1, 1, 1)
         S = torch.where(cut, S.detach(), S)
         P = torch.where(cut, P.detach(), P)
-    return S, P
+        m = torch.where(cut, m.detach(), m)
+    return S, P, m
 
 
 def _inner_gradient(lin: Tensor, k_t: Tensor, v_t: Tensor, objective: str) -> Tensor:
@@ -61,27 +75,44 @@ def step(
     retain_t: Tensor,
     cfg: MatrixMemoryConfig,
     valid_t: Tensor | None = None,
+    momentum_t: Tensor | None = None,
 ) -> tuple[Tensor, MatrixMemoryState]:
     """Process one token for all rows.
 
-    q_t, k_t: (B,H,dk); v_t: (B,H,dv); lr_t, retain_t: (B,H); valid_t: (B,) bool or None.
+    q_t, k_t: (B,H,dk); v_t: (B,H,dv); lr_t: (B,H); retain_t: (B,H) or (B,H,dk) per channel;
+    valid_t: (B,) bool or None; momentum_t: β, (B,H) or (B,H,dk), required by "momentum_gd".
     Returns o_t (B,H,dv) and the state after the token.
     """
     batch = q_t.shape[0]
     valid = valid_t if valid_t is not None else torch.ones(batch, dtype=torch.bool, device=q_t.device)
-    S, P_in = _entering_state(state, cfg, valid)
+    S, P_in, m = _entering_state(state, cfg, valid)
 
     # A token at phase 0 opens a chunk: its linearisation base is the state just before it.
     starting = state.phase == 0
     P = torch.where(starting.view(-1, 1, 1, 1), S, P_in)
-    log_decay = torch.where(starting[:, None], torch.zeros_like(state.log_decay), state.log_decay)
+    carried_decay = state.log_decay
+    if retain_t.dim() == 3 and carried_decay.dim() == 2:
+        carried_decay = carried_decay[..., None].expand(*retain_t.shape)
+    log_decay = torch.where(_rows(starting, carried_decay), torch.zeros_like(carried_decay), carried_decay)
     log_decay = log_decay + safe_log_retain(retain_t)
 
-    lin = P if cfg.decay == "after" else torch.exp(log_decay)[..., None, None] * P
+    lin = P if cfg.decay == "after" else scale_keys(P, torch.exp(log_decay))
     grad = _inner_gradient(lin, k_t, v_t, cfg.objective)
-    S_new = retain_t[..., None, None] * S - lr_t[..., None, None] * grad
+    eta = lr_t[..., None, None]
+    m_new = m
+    if cfg.optimizer == "gd":
+        S_new = scale_keys(S, retain_t) - eta * grad
+    elif cfg.optimizer == "momentum_gd":
+        if momentum_t is None:
+            raise ValueError('optimizer "momentum_gd" needs the momentum rate β (momentum_t)')
+        m_new = scale_keys(m, momentum_t) - eta * grad
+        S_new = scale_keys(S, retain_t) + m_new
+    else:  # dgd: S (α I - η k kᵀ) - η g
+        S_k = torch.einsum("bhvk,bhk->bhv", S, k_t)
+        S_new = scale_keys(S, retain_t) - eta * S_k[..., :, None] * k_t[..., None, :] - eta * grad
     if cfg.grad == "stop":
         S_new = stop_gradient(S_new, state.init)
+        m_new = m_new.detach()
         # The carried decay is state too: under "stop" no gradient reaches α through it.
         log_decay = log_decay.detach()
 
@@ -96,10 +127,11 @@ def step(
     new_state = MatrixMemoryState(
         S=torch.where(keep, S_new, S),
         P=torch.where(keep, P, P_in),
-        log_decay=torch.where(valid[:, None], log_decay, state.log_decay),
+        log_decay=torch.where(_rows(valid, log_decay), log_decay, carried_decay),
         phase=torch.where(valid, torch.where(finished, 0, phase), state.phase),
         chunks_done=torch.where(valid, state.chunks_done + finished.long(), state.chunks_done),
         init=state.init,
+        momentum=torch.where(keep, m_new, m),
     )
     o_t = torch.where(valid[:, None, None], o_t, torch.zeros_like(o_t))
     return o_t, new_state
@@ -114,17 +146,22 @@ def scan(
     state: MatrixMemoryState,
     cfg: MatrixMemoryConfig,
     lengths: Tensor | None = None,
+    momentum: Tensor | None = None,
 ) -> tuple[Tensor, MatrixMemoryState]:
     """Loop ``step`` over the T tokens.
 
-    q, k: (B,H,T,dk); v: (B,H,T,dv); lr, retain: (B,H,T); lengths: (B,) int64 valid lengths or None.
+    q, k: (B,H,T,dk); v: (B,H,T,dv); lr: (B,H,T); retain: (B,H,T) or (B,H,T,dk) per channel;
+    lengths: (B,) int64 valid lengths or None; momentum: β (B,H,T) or (B,H,T,dk), for "momentum_gd".
     Returns o (B,H,T,dv) and the state after each row's last valid token.
     """
     steps = q.shape[2]
     outputs = []
     for t in range(steps):
         valid_t = None if lengths is None else lengths > t
-        o_t, state = step(state, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], retain[:, :, t], cfg, valid_t)
+        beta_t = None if momentum is None else momentum[:, :, t]
+        o_t, state = step(
+            state, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], retain[:, :, t], cfg, valid_t, beta_t
+        )
         outputs.append(o_t)
     if not outputs:
         return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state

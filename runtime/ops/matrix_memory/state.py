@@ -19,6 +19,7 @@ OBJECTIVES = ("dot", "l2")
 DECAYS = ("after", "before")
 READS = ("online", "before", "boundary")
 GRADS = ("through", "stop", "truncate")
+OPTIMIZERS = ("gd", "momentum_gd", "dgd")
 
 # Smallest retention used inside logarithms: log(1e-30) ≈ -69 keeps every cumulative sum finite
 # (no -inf - -inf) while making exp() of it indistinguishable from 0 at the precisions we use.
@@ -34,6 +35,12 @@ class MatrixMemoryConfig:
     chunk: chunk size C ≥ 1; gradients inside a chunk are taken at the chunk-start state.
     read: "online" (o_t = S_t q_t), "before" (S_{t-1} q_t) or "boundary" (S_{b-1} q_t).
     grad: outer-gradient mode, "through", "stop" or "truncate" (every ``truncate_k`` chunks).
+    optimizer: inner optimizer (DESIGN §5), applied per token on the g_t of the chunk's linearisation point:
+        "gd"           S ← α ⊙ S − η g;
+        "momentum_gd"  m ← β ⊙ m − η g,  S ← α ⊙ S + m   (β: the ``momentum`` rate input);
+        "dgd"          S ← S (α I − η k kᵀ) − η g          (keys l2-normalised by the caller).
+    A per-channel α (shape (..., dk)) acts on the key axis: S ← S·diag(α) (likewise β on m).
+    ``decay="before"`` with ``dgd`` is an error: the DGD factor already carries α.
     """
 
     objective: str
@@ -42,9 +49,13 @@ class MatrixMemoryConfig:
     read: str
     grad: str = "through"
     truncate_k: int = 1
+    optimizer: str = "gd"
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "dgd" and self.decay == "before":
+            raise ValueError('decay "before" with optimizer "dgd" is an error: the DGD factor already carries α')
         _check_choice("decay", self.decay, DECAYS)
         _check_choice("read", self.read, READS)
         _check_choice("grad", self.grad, GRADS)
@@ -65,10 +76,13 @@ class MatrixMemoryState:
 
     S: (B,H,dv,dk) state θ after the last consumed token.
     P: (B,H,dv,dk) state at the start of the current chunk, S_{b-1} (undecayed).
-    log_decay: (B,H) Σ log α_s for s from the current chunk start b to the last consumed token.
+    log_decay: (B,H) Σ log α_s for s from the current chunk start b to the last consumed token
+        ((B,H,dk) once a per-channel retention has been seen).
     phase: (B,) int64, tokens of the current chunk already consumed (0 ⇒ next token starts a chunk).
     chunks_done: (B,) int64, completed chunks since the document start.
     init: (H,dv,dk) or (B,H,dv,dk) document initial state θ_init (may require grad).
+    momentum: (B,H,dv,dk) momentum buffer m of "momentum_gd" (zeros at the document start; left
+        untouched by the other optimizers).  ``None`` at construction means zeros.
     """
 
     S: Tensor
@@ -77,6 +91,11 @@ class MatrixMemoryState:
     phase: Tensor
     chunks_done: Tensor
     init: Tensor
+    momentum: Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(self.S)
 
     @classmethod
     def initial(cls, init: Tensor, batch: int) -> MatrixMemoryState:
@@ -106,6 +125,7 @@ class MatrixMemoryState:
             phase=self.phase,
             chunks_done=self.chunks_done,
             init=self.init.detach(),
+            momentum=self.momentum.detach(),
         )
 
     def select(self, rows: Tensor | slice | int) -> MatrixMemoryState:
@@ -119,6 +139,7 @@ class MatrixMemoryState:
             phase=self.phase[index],
             chunks_done=self.chunks_done[index],
             init=init,
+            momentum=self.momentum[index],
         )
 
     @classmethod
@@ -136,6 +157,7 @@ class MatrixMemoryState:
             phase=torch.cat([s.phase for s in states]),
             chunks_done=torch.cat([s.chunks_done for s in states]),
             init=init,
+            momentum=torch.cat([s.momentum for s in states]),
         )
 
 
@@ -157,6 +179,13 @@ def stop_gradient(theta: Tensor, init: Tensor) -> Tensor:
     """θ_init + sg(θ - θ_init): the value of θ, but gradients only reach θ_init."""
     start = init_rows(init, theta.shape[0])
     return start + (theta - start).detach()
+
+
+def scale_keys(x: Tensor, rate: Tensor) -> Tensor:
+    """x·diag(rate) on the key (last) axis: rate (B,H) scalar per head or (B,H,dk) per channel; x (B,H,dv,dk)."""
+    if rate.dim() == x.dim() - 2:
+        return rate[..., None, None] * x
+    return x * rate[..., None, :]
 
 
 def truncation_mask(phase: Tensor, chunks_done: Tensor, cfg: MatrixMemoryConfig, steps: int) -> Tensor:
