@@ -41,8 +41,34 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
     "E025": ("shape mismatch", "Sizes do not fit: `d` must be divisible by `heads`, rates have a fixed shape."),
     "E026": ("unsupported form", "The statement is well formed but nestc does not support this form of it."),
     "E027": ("read of unknown state", "A read mode was asked of something that is not an in-context level."),
+    "E028": (
+        "value needed before it exists",
+        "Rule 4: a level reads another level's `online` state at token t, but that level comes later in the "
+        "model and takes this level's output as its input at t. Read its `boundary` or `before` state.",
+    ),
+    "E029": (
+        "`decay before` with `dgd`",
+        "DGD's factor (αI − η k kᵀ) already applies the retention α to the state; retention cannot also act "
+        "before the gradient.",
+    ),
+    "E030": ("bad import", "An imported file is missing, is not a fragment, or imports form a cycle."),
+    "E040": (
+        "not supported by the runtime yet",
+        "The spec is valid and checks clean, but the runtime cannot run this combination yet; `nestc check` "
+        "accepts it, `nestc compile` and `nestc train` refuse it and say which part is missing.",
+    ),
     # warnings
     "W001": ("parameter without gradient", "A parameter that no gradient reaches: it will never train."),
+    "W002": (
+        "task chunk longer than the training sequence",
+        "A level with `objective task` updates at the end of each chunk; a chunk at least the training "
+        "sequence length never completes inside a sequence.",
+    ),
+    "W003": (
+        "no parallel form",
+        "The combination of memory, optimizer and frequency has no known chunked form, so it runs as a "
+        "compiled scan (one token at a time). The hint names the nearest parallel alternative.",
+    ),
 }
 
 

@@ -1,30 +1,38 @@
-"""The rules of DESIGN §3 that `nestc check` enforces on the IR.
+"""The rules of DESIGN §3 that `nestc check` enforces on the IR, and its warnings.
 
 Rule 1: read sites and updates at one token form an acyclic graph (its order is the evaluation order).
 Rule 2: a nested level is at least as fast as its owner, and its chunk divides the owner's.
 Rule 3: every parameter belongs to exactly one level (one optimizer).
-Plus shapes: `d` divisible by `heads`.
+Rule 4: every value a level consumes at token t exists by then (model order vs `online` reads).
+Rule 5: objectives and rates have the shapes their memory and optimizer expect (partly in elaboration).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import networkx as nx
 
-from ..diagnostics import DiagnosticBag, Label
+from ..diagnostics import DiagnosticBag, Label, Span
 from ..ir import models as ir
+from ..ir.catalogue import NO_PARALLEL_FORM_HINTS
 from ..ir.graph import evaluation_graph, site_label
 
 REQUIRED_PARAMS = ("d", "vocab")
 
 
-def check(system: ir.System) -> DiagnosticBag:
+def check(system: ir.System, seq_len: int | None = None) -> DiagnosticBag:
     """Run every rule; the returned bag holds all errors and warnings (it does not raise)."""
     bag = DiagnosticBag()
     _check_params(system, bag)
     _check_evaluation_order(system, bag)
+    _check_model_order(system, bag)
     _check_nesting(system, bag)
     _check_ownership(system, bag)
+    _check_shapes(system, bag)
     _warn_no_gradient(system, bag)
+    _warn_task_chunks(system, bag, seq_len)
+    _warn_no_parallel_form(system, bag)
     return bag
 
 
@@ -37,12 +45,13 @@ def _check_params(system: ir.System, bag: DiagnosticBag) -> None:
                 system.span,
                 f"add `{name} = ...` to the parameter list",
             )
-    d, heads = system.params.get("d"), system.params.get("heads", 1)
-    for name, value in (("d", d), ("heads", heads), ("vocab", system.params.get("vocab"))):
-        if value is not None and (not float(value).is_integer() or value < 1):
+    sizes = {name: system.params.get(name) for name in ("d", "heads", "vocab")}
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, (int, float)) or not float(value).is_integer() or value < 1):
             bag.error("E016", f"parameter `{name}` must be a positive integer, not {value}", system.span)
             return
-    if d is not None and int(d) % int(heads) != 0:
+    d, heads = sizes["d"], sizes["heads"] or 1
+    if isinstance(d, (int, float)) and isinstance(heads, (int, float)) and int(d) % int(heads) != 0:
         bag.error(
             "E025",
             f"`d = {d}` is not divisible by `heads = {heads}`",
@@ -52,40 +61,68 @@ def _check_params(system: ir.System, bag: DiagnosticBag) -> None:
 
 
 def _check_evaluation_order(system: ir.System, bag: DiagnosticBag) -> None:
-    graph = evaluation_graph(system)
-    for level in system.levels:
-        for expr in [*level.roles.values(), *_rate_exprs(level)]:
-            for read in ir.expr_reads(expr):
-                target = next((lv for lv in system.levels if lv.name == read.level), None)
-                if target is None or not target.in_context:
-                    bag.error(
-                        "E027",
-                        f"`{read.level}` has no memory to read",
-                        read.span,
-                        "only in-context levels (with `memory`) can be read",
-                    )
     try:
-        cycle = nx.find_cycle(graph)
+        cycle = nx.find_cycle(evaluation_graph(system))
     except nx.NetworkXNoCycle:
         return
     sites = [site_label(u) for u, _ in cycle]
     first_level = cycle[0][0][1]
     level = system.level(first_level)
-    labels = [
-        Label(system.level(node[1]).span, f"{site_label(node)}") for node, _ in cycle[1:] if node[1] != first_level
-    ]
+    labels = [Label(system.level(node[1]).span, site_label(node)) for node, _ in cycle[1:] if node[1] != first_level]
     bag.error(
         "E020",
         "evaluation-order cycle: " + " -> ".join([*sites, sites[0]]),
-        level.spans.get("keys", level.span),
+        _first_reading_statement(level),
         "generate keys, values and rates from a `boundary` or `before` read "
-        "(e.g. `M(x, read = boundary)`), never from the level's own `online` state",
+        "(e.g. `M(x, read = boundary)`), never from a level's `online` state that needs this update",
         labels=labels,
     )
 
 
-def _rate_exprs(level: ir.Level) -> list[ir.Expr]:
-    return [level.inner.lr.expr, level.inner.retain.expr] if level.inner else []
+def _first_reading_statement(level: ir.Level) -> Span:
+    for role, expr in level.roles.items():
+        if ir.expr_reads(expr):
+            return level.spans.get(role, level.span)
+    return level.spans.get("optimizer", level.span)
+
+
+def _model_levels(node: ir.Node) -> Iterator[str]:
+    """Level uses in model order (one repetition is enough: the order inside a block)."""
+    if isinstance(node, ir.LevelNode):
+        yield node.level
+    elif isinstance(node, (ir.SeqNode, ir.ParallelNode)):
+        for item in node.items:
+            yield from _model_levels(item)
+    elif isinstance(node, (ir.RepeatNode, ir.ResidualNode)):
+        yield from _model_levels(node.body)
+    elif isinstance(node, ir.GateNode):
+        yield from _model_levels(node.value)
+        yield from _model_levels(node.gate)
+    elif isinstance(node, ir.PrefixNode):
+        yield from _model_levels(node.memory)
+        yield from _model_levels(node.attention)
+
+
+def _check_model_order(system: ir.System, bag: DiagnosticBag) -> None:
+    """Rule 4: a level that reads another's `online` state needs that level's update at t to come first,
+    but a level later in the model updates on this level's output: the value does not exist yet."""
+    order: dict[str, int] = {}
+    for position, name in enumerate(_model_levels(system.model)):
+        order.setdefault(name, position)
+    for level in system.levels:
+        for role, expr in level.inputs().items():
+            for read in ir.expr_reads(expr):
+                later = order.get(read.level, -1) > order.get(level.name, 10**9)
+                if read.mode == "online" and read.level != level.name and later:
+                    producer = system.level(read.level)
+                    bag.error(
+                        "E028",
+                        f"`{level.name}`'s {role} read `{read.level}`'s online state at token t, but "
+                        f"`{read.level}` comes later in the model and updates on `{level.name}`'s output",
+                        read.span or level.spans.get(role, level.span),
+                        f"read `{read.level}` at its `boundary` or `before` state",
+                        labels=[Label(producer.span, f"`{read.level}` is declared here")],
+                    )
 
 
 def _check_nesting(system: ir.System, bag: DiagnosticBag) -> None:
@@ -105,24 +142,25 @@ def _check_nesting(system: ir.System, bag: DiagnosticBag) -> None:
             continue
         where = inner.spans.get("update", inner.span)
         fi, fo = inner.update, outer.update
+        label = [Label(outer.spans.get("update", outer.span), f"`{outer.name}` updates here")]
         if fi.order_key() > fo.order_key():
             bag.error(
                 "E021",
-                f"level `{inner.name}` ({fi.describe()}) is nested in `{outer.name}` "
-                f"({fo.describe()}) but updates less often",
+                f"level `{inner.name}` ({fi.describe()}) is nested in `{outer.name}` ({fo.describe()}) "
+                "but updates less often",
                 where,
                 f"a nested level must be at least as fast as its owner: make `{inner.name}` update "
                 f"{fo.describe()} or faster, or nest it elsewhere",
-                labels=[Label(outer.spans.get("update", outer.span), f"`{outer.name}` updates here")],
+                labels=label,
             )
         elif fi.unit == fo.unit == "token" and fo.count % fi.count != 0:
             bag.error(
                 "E022",
-                f"level `{inner.name}` updates every {fi.count} tokens inside `{outer.name}`, "
-                f"which updates every {fo.count} tokens: {fi.count} does not divide {fo.count}",
+                f"level `{inner.name}` updates every {fi.count} tokens inside `{outer.name}`, which updates "
+                f"every {fo.count} tokens: {fi.count} does not divide {fo.count}",
                 where,
                 f"choose a chunk that divides {fo.count} (e.g. {_divisor_near(fo.count, fi.count)})",
-                labels=[Label(outer.spans.get("update", outer.span), f"`{outer.name}` updates here")],
+                labels=label,
             )
 
 
@@ -130,14 +168,21 @@ def _divisor_near(n: int, target: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
 
 
+def outer_roots(system: ir.System) -> list[ir.Level]:
+    return [lv for lv in system.levels if lv.outer is not None and lv.owner is None]
+
+
 def default_owner(system: ir.System) -> ir.Level | None:
-    """The single outermost level with an outer optimizer: it trains the model's layers."""
-    roots = [lv for lv in system.levels if lv.outer is not None and lv.owner is None]
+    """The outermost optimizer level that trains whatever no selector claims (the model's layers)."""
+    roots = outer_roots(system)
+    unselective = [r for r in roots if not r.selectors or "all" in r.selectors]
+    if len(unselective) == 1:
+        return unselective[0]
     return roots[0] if len(roots) == 1 else None
 
 
 def _check_ownership(system: ir.System, bag: DiagnosticBag) -> None:
-    roots = [lv for lv in system.levels if lv.outer is not None and lv.owner is None]
+    roots = outer_roots(system)
     if not roots:
         bag.error(
             "E023",
@@ -146,26 +191,60 @@ def _check_ownership(system: ir.System, bag: DiagnosticBag) -> None:
             "add e.g. `level pretrain { update every step; optimizer adamw(lr = 3e-3) }`",
         )
         return
-    if len(roots) > 1:
+    claims: dict[str, ir.Level] = {}
+    unselective = [r for r in roots if not r.selectors]
+    if len(unselective) > 1:
         bag.error(
             "E023",
-            "the model's layers would belong to several levels: " + ", ".join(f"`{r.name}`" for r in roots),
-            roots[1].span,
-            "keep one outermost `every step` level, or nest the others with `in`",
-            labels=[Label(roots[0].span, f"`{roots[0].name}` also claims them")],
+            "the model's parameters would belong to several levels: " + ", ".join(f"`{r.name}`" for r in unselective),
+            unselective[1].span,
+            "keep one outermost `every step` level, or give each a `params` selector "
+            "(e.g. `params matrices` and `params embeddings, gains`)",
+            labels=[Label(unselective[0].span, f"`{unselective[0].name}` also claims them")],
         )
-    by_name = {lv.name: lv for lv in system.levels}
+        return
+    for root in roots:
+        for selector in root.selectors or ["all"]:
+            covered = {"matrices", "embeddings", "gains", "biases", "states"} if selector == "all" else {selector}
+            for part in covered:
+                if part in claims and claims[part] is not root:
+                    bag.error(
+                        "E023",
+                        f"parameters `{part}` are claimed by both `{claims[part].name}` and `{root.name}`",
+                        root.spans.get("params", root.span),
+                        "each parameter belongs to exactly one optimizer level: make the selectors disjoint",
+                        labels=[Label(claims[part].spans.get("params", claims[part].span), "the other claim")],
+                    )
+                claims.setdefault(part, root)
+    missing = {"matrices", "embeddings", "gains"} - claims.keys()
+    if missing and all(r.selectors for r in roots):
+        bag.error(
+            "E023",
+            f"no optimizer level trains the {', '.join(sorted(missing))}",
+            roots[0].spans.get("params", roots[0].span),
+            "add them to a `params` selector, or use `params all` on one level",
+        )
+
+
+def _check_shapes(system: ir.System, bag: DiagnosticBag) -> None:
     for level in system.levels:
-        if not level.in_context:
+        memory = level.memory
+        if memory is None or level.inner is None:
             continue
-        owner = by_name.get(level.owner) if level.owner else roots[0]
-        if owner is not None and owner.outer is None:
+        for name, rate in level.rates().items():
+            if rate.shape == "channel" and name != "retain":
+                bag.error(
+                    "E025",
+                    f"`{name}` cannot be per channel: only the retention α acts along channels (M·diag(α))",
+                    level.spans.get("optimizer", level.span),
+                    f"make `{name}` per head",
+                )
+        if level.objective is not None and level.objective.kind == "task" and memory.kind != "mlp":
             bag.error(
-                "E023",
-                f"level `{level.name}` is nested in `{owner.name}`, which has no outer optimizer "
-                "to train its projections and initial state",
-                level.span,
-                "nest in-context levels in an `every step` level with an optimizer such as adamw",
+                "E025",
+                "`objective task` trains an MLP memory used as a layer (CMS)",
+                level.spans.get("objective", level.span),
+                "use `memory mlp(depth = 2, expand = 4, residual)`",
             )
 
 
@@ -173,16 +252,54 @@ def _warn_no_gradient(system: ir.System, bag: DiagnosticBag) -> None:
     for level in system.levels:
         if level.gradient.mode != "stop" or level.inner is None:
             continue
-        fed = [role for role in ("keys", "values") if role in level.roles] + [
-            name
-            for name, rate in (("lr", level.inner.lr), ("retain", level.inner.retain))
-            if not ir.is_constant(rate.expr)
-        ]
+        roles: tuple[ir.Role, ...] = ("keys", "values", "targets")
+        fed: list[str] = [r for r in roles if r in level.roles and not _is_read_only(level.roles[r])]
+        fed += [name for name, rate in level.rates().items() if not ir.is_constant(rate.expr)]
         if fed:
             bag.warning(
                 "W001",
-                f"with `outer gradient stop`, the projections of `{level.name}`'s "
-                f"{', '.join(fed)} get no gradient (they only feed updates)",
+                f"with `outer gradient stop`, the projections of `{level.name}`'s {', '.join(fed)} get no "
+                "gradient (they only feed updates)",
                 level.spans.get("outer gradient", level.span),
                 "use `outer gradient through` or `truncate k` to train them",
+            )
+
+
+def _is_read_only(expr: ir.Expr) -> bool:
+    """An expression with no projection of its own (only reads of other levels)."""
+    if isinstance(expr, ir.Linear):
+        return False
+    if isinstance(expr, (ir.Fn, ir.Read)):
+        return _is_read_only(expr.arg)
+    if isinstance(expr, ir.Bin):
+        return _is_read_only(expr.left) and _is_read_only(expr.right)
+    return True
+
+
+def _warn_task_chunks(system: ir.System, bag: DiagnosticBag, seq_len: int | None) -> None:
+    length = seq_len or system.params.get("seq_len")
+    if not isinstance(length, (int, float)):
+        return
+    for level in system.levels:
+        if level.objective is not None and level.objective.kind == "task" and level.update.count >= length:
+            bag.warning(
+                "W002",
+                f"`{level.name}` updates every {level.update.count} tokens but training sequences have "
+                f"{int(length)}: it never updates inside a sequence",
+                level.spans.get("update", level.span),
+                "use a smaller chunk, longer sequences, or `update every N steps` to learn across steps",
+            )
+
+
+def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
+    for level in system.levels:
+        if level.memory is None or level.objective is None or level.objective.kind == "task":
+            continue
+        hint = NO_PARALLEL_FORM_HINTS.get((level.memory.kind, level.update.count))
+        if hint is not None:
+            bag.warning(
+                "W003",
+                f"`{level.name}` has no parallel form: it runs as a compiled scan, token by token",
+                level.spans.get("update", level.span),
+                hint,
             )

@@ -30,18 +30,12 @@ def evaluation_graph(system: ir.System) -> nx.DiGraph:
         graph.add_node(update)
         use: Site = ("read", level.name, level.read.mode, "its output")
         _add_read(graph, use)
-        for role, expr in level.roles.items():
+        for role, expr in level.inputs().items():
             consumer = use if role == "queries" else update
             for read in ir.expr_reads(expr):
                 site: Site = ("read", read.level, read.mode, f"{level.name}.{role}")
                 _add_read(graph, site)
                 graph.add_edge(site, consumer)
-        if level.inner is not None:
-            for name, rate in (("lr", level.inner.lr), ("retain", level.inner.retain)):
-                for read in ir.expr_reads(rate.expr):
-                    site = ("read", read.level, read.mode, f"{level.name}.{name}")
-                    _add_read(graph, site)
-                    graph.add_edge(site, update)
     return graph
 
 
@@ -59,7 +53,7 @@ def level_graph(system: ir.System) -> nx.DiGraph:
     for level in system.levels:
         if level.owner:
             graph.add_edge(level.owner, level.name, kind="nesting")
-        for expr in level.roles.values():
+        for expr in [*level.roles.values(), *(r.expr for r in level.rates().values())]:
             for read in ir.expr_reads(expr):
                 graph.add_edge(read.level, level.name, kind="data", mode=read.mode)
     return graph

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ..diagnostics import Span
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+# A level name: an identifier, or one element of a level repeated over a list (`cms[2]`).
+LevelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\])?$")]
 
 
 class _Model(BaseModel):
@@ -43,11 +45,20 @@ class Linear(_Model):
 
 
 class Fn(_Model):
-    """An elementwise or per-vector function of its argument (sigmoid, l2norm, ...)."""
+    """A function of its argument: elementwise (sigmoid, ...), per head vector (l2norm, mean), or in time
+    (`conv` with `size`, the causal depthwise kernel; `rope`, rotary positions)."""
 
     op: Literal["fn"] = "fn"
     fn: Identifier
     arg: Expr
+    size: int | None = None
+
+
+class RoleRef(_Model):
+    """The level's own keys, values or queries, inside another of its expressions (e.g. targets)."""
+
+    op: Literal["role"] = "role"
+    role: Literal["queries", "keys", "values"]
 
 
 class Bin(_Model):
@@ -61,13 +72,13 @@ class Read(_Model):
     """A read of another level's memory inside an expression, at a stated state."""
 
     op: Literal["read"] = "read"
-    level: Identifier
+    level: LevelName
     mode: Literal["online", "before", "boundary"]
     arg: Expr
     span: Span | None = None
 
 
-Expr = Annotated[Const | Input | Linear | Fn | Bin | Read, Field(discriminator="op")]
+Expr = Annotated[Const | Input | Linear | Fn | RoleRef | Bin | Read, Field(discriminator="op")]
 
 
 def expr_reads(expr: Expr) -> list[Read]:
@@ -79,6 +90,25 @@ def expr_reads(expr: Expr) -> list[Read]:
     if isinstance(expr, Bin):
         return expr_reads(expr.left) + expr_reads(expr.right)
     return []
+
+
+def expr_width(expr: Expr) -> str:
+    """What an expression yields per head: "scalar", "vector" (one value per channel) or "free" (a
+    `linear` whose width adapts to its use)."""
+    if isinstance(expr, Const):
+        return "scalar"
+    if isinstance(expr, Linear):
+        return "free"
+    if isinstance(expr, (Input, RoleRef, Read)):
+        return "vector"
+    if isinstance(expr, Fn):
+        return "scalar" if expr.fn == "mean" else expr_width(expr.arg)
+    assert isinstance(expr, Bin)
+    widths = {expr_width(expr.left), expr_width(expr.right)}
+    for width in ("vector", "free"):
+        if width in widths:
+            return width
+    return "scalar"
 
 
 def is_constant(expr: Expr) -> bool:
@@ -113,35 +143,58 @@ class Frequency(_Model):
 
 
 class Rate(_Model):
-    """A rate (learning rate, retention): a constant or a data-dependent expression, with its shape."""
+    """A rate (learning rate, momentum, retention): constant or data dependent, with its shape."""
 
     expr: Expr
     shape: Literal["scalar", "head", "channel"] = "head"
 
 
 class Memory(_Model):
-    kind: Literal["matrix"]
+    """What a level stores. `matrix`: M ∈ R^{dv×dk}; `mlp`: x + [norm](W1 σ(W2 x)) with depth and
+    expansion; `kv`: softmax attention over the document's keys and values (optional window, optional
+    persistent prefix level); `persistent`: learned tokens, frozen in context."""
+
+    kind: Literal["matrix", "mlp", "kv", "persistent"]
     per_head: bool = True
+    depth: int = 2
+    expand: float = 4.0
+    residual: bool = False
+    norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    activation: Identifier = "silu"
+    window: int | None = None
+    segment: int | None = None
+    persistent: LevelName | None = None
+    tokens: int = 0
 
 
 class Objective(_Model):
-    kind: Literal["dot", "l2"]
+    """dot: −⟨M(k), v⟩; l2: ½‖M(k) − v‖²; lp: ‖M(k) − v‖_p^p / p; huber(δ); task: the outer loss."""
+
+    kind: Literal["dot", "l2", "lp", "huber", "task"]
+    target: Literal["values", "targets"] = "values"
+    p: float | None = None
+    delta: float | None = None
 
 
 class InnerOptimizer(_Model):
-    kind: Literal["gd"]
+    kind: Literal["gd", "momentum_gd", "dgd", "newton_schulz", "delta_momentum"]
     lr: Rate
     retain: Rate
+    momentum: Rate | None = None
     decay: Literal["after", "before"] = "after"
+    steps: int | None = None  # newton_schulz iterations
+    lam: float | None = None  # delta_momentum's λ
+    both: bool = False  # dgd on an MLP: the rank-one factor on both maps (default: the input-side map)
 
 
 class OuterOptimizer(_Model):
-    kind: Literal["adamw", "sgd"]
+    kind: Literal["sgd", "momentum", "adamw", "muon", "m3", "dmgd"]
     hyper: dict[str, float] = {}
 
 
 class ReadMode(_Model):
     mode: Literal["online", "before", "boundary"] = "online"
+    every: int | None = None  # `read boundary every N tokens`: a coarser boundary
 
 
 class GradientMode(_Model):
@@ -149,22 +202,25 @@ class GradientMode(_Model):
     k: int = 1
 
 
-Role = Literal["queries", "keys", "values"]
+Role = Literal["queries", "keys", "values", "targets"]
+SELECTORS = ("all", "matrices", "embeddings", "gains", "biases", "states")
 
 
 class Level(_Model):
     """One level: an in-context memory (memory, roles, objective, inner optimizer) or an outer optimizer."""
 
-    name: Identifier
-    owner: Identifier | None = None
+    name: LevelName
+    owner: LevelName | None = None
     update: Frequency
     memory: Memory | None = None
     roles: dict[Role, Expr] = {}
     objective: Objective | None = None
     inner: InnerOptimizer | None = None
     outer: OuterOptimizer | None = None
+    selectors: list[str] = []
     read: ReadMode = ReadMode()
     gradient: GradientMode = GradientMode()
+    stopgrad_targets: bool = False
     span: Span
     spans: dict[str, Span] = {}  # statement keyword -> span, for diagnostics
 
@@ -172,28 +228,50 @@ class Level(_Model):
     def in_context(self) -> bool:
         return self.memory is not None
 
+    def inputs(self) -> dict[str, Expr]:
+        """Every expression the level evaluates: its roles and its data-dependent rates, by name."""
+        out: dict[str, Expr] = {str(role): expr for role, expr in self.roles.items()}
+        out.update({name: rate.expr for name, rate in self.rates().items()})
+        return out
+
+    def rates(self) -> dict[str, Rate]:
+        if self.inner is None:
+            return {}
+        out = {"lr": self.inner.lr, "retain": self.inner.retain}
+        if self.inner.momentum is not None:
+            out["momentum"] = self.inner.momentum
+        return out
+
 
 # ---- model compositions ------------------------------------------------------------------------------
 
 
 class LayerNode(_Model):
+    """A stateless layer of the `layer` registry (embed, head, linear, rmsnorm, swiglu, ...)."""
+
     node: Literal["layer"] = "layer"
     kind: Identifier
     span: Span
 
 
 class LevelNode(_Model):
+    """A use of an in-context level as a layer: its read of its input."""
+
     node: Literal["level"] = "level"
-    level: Identifier
+    level: LevelName
     span: Span
 
 
 class SeqNode(_Model):
+    """`a -> b`: apply in order."""
+
     node: Literal["seq"] = "seq"
     items: list[Node]
 
 
 class RepeatNode(_Model):
+    """`block * n`: n copies, each with its own level instances (`memory[0]`, `memory[1]`, ...)."""
+
     node: Literal["repeat"] = "repeat"
     body: Node
     count: int
@@ -201,16 +279,47 @@ class RepeatNode(_Model):
 
 
 class ResidualNode(_Model):
+    """`residual(body)`: x + body(x) (pre-norm when the body starts with a norm)."""
+
     node: Literal["residual"] = "residual"
     body: Node
 
 
-Node = Annotated[LayerNode | LevelNode | SeqNode | RepeatNode | ResidualNode, Field(discriminator="node")]
+class ParallelNode(_Model):
+    """`a + b`: both applied to the same input, outputs summed (the independent CMS of NL Eq. 74)."""
+
+    node: Literal["parallel"] = "parallel"
+    items: list[Node]
+
+
+class GateNode(_Model):
+    """`a * gate(b)`: a(x) ⊙ sigmoid(linear(b(x))) (Titans MAG)."""
+
+    node: Literal["gate"] = "gate"
+    value: Node
+    gate: Node
+
+
+class PrefixNode(_Model):
+    """`prefix(attention, memory)`: attention within its segments over [persistent ‖ memory's read at the
+    segment boundary ‖ segment] (Titans MAC)."""
+
+    node: Literal["prefix"] = "prefix"
+    attention: Node
+    memory: Node
+
+
+Node = Annotated[
+    LayerNode | LevelNode | SeqNode | RepeatNode | ResidualNode | ParallelNode | GateNode | PrefixNode,
+    Field(discriminator="node"),
+]
+
+ParamValue = float | int | str | list[float | int]
 
 
 class System(_Model):
     name: Identifier
-    params: dict[str, float | int]
+    params: dict[str, ParamValue]
     levels: list[Level]
     model: Node
     span: Span
@@ -218,10 +327,15 @@ class System(_Model):
     def level(self, name: str) -> Level:
         return next(lv for lv in self.levels if lv.name == name)
 
+    def number(self, name: str, default: float | None = None) -> float:
+        value = self.params.get(name, default)
+        assert isinstance(value, (int, float)), f"parameter {name} is not a number"
+        return value
+
     @property
     def d(self) -> int:
-        return int(self.params["d"])
+        return int(self.number("d"))
 
 
-for _cls in (Linear, Fn, Bin, Read, SeqNode, RepeatNode, ResidualNode, System):
+for _cls in (Linear, Fn, Bin, Read, SeqNode, RepeatNode, ResidualNode, ParallelNode, GateNode, PrefixNode, System):
     _cls.model_rebuild()

@@ -205,7 +205,7 @@ class _ToAst(Transformer[Any, Any]):
         name, index = children
         return ast.Indexed(self._name(name), ast.Number(float(index), str(index), self._tok(index)), self._span(meta))
 
-    def list(self, meta: Any, children: list[Any]) -> ast.ListExpr:
+    def list_expr(self, meta: Any, children: list[Any]) -> ast.ListExpr:
         return ast.ListExpr(tuple(c for c in children if c is not None), self._span(meta))
 
     def kwarg(self, meta: Any, children: list[Any]) -> ast.Kwarg:

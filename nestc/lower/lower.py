@@ -13,19 +13,24 @@ from typing import Any
 from nestc_runtime.plan import LayerPlan, MemoryLevelPlan, OptimizerGroupPlan, Plan, RatePlan
 
 from ..checks.rules import default_owner
-from ..diagnostics import CompileError, DiagnosticBag
+from ..diagnostics import CompileError, DiagnosticBag, Span
 from ..ir import models as ir
+
+RUNTIME_LAYERS = {"embed", "head", "linear", "rmsnorm", "l2norm"}
+RUNTIME_FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm"}
 
 
 def lower(system: ir.System, source_text: str = "") -> Plan:
     bag = DiagnosticBag()
+    _reject_unsupported(system, bag)
+    bag.raise_if_errors()
     levels = {lv.name: _level_plan(system, lv, bag) for lv in system.levels if lv.in_context}
     layers = _instantiate(_layers(system.model))
     bag.raise_if_errors()
-    d, vocab = int(system.params["d"]), int(system.params["vocab"])
+    d, vocab = system.d, int(system.number("vocab"))
     return Plan(
         system=system.name,
-        params=dict(system.params),
+        params={k: v for k, v in system.params.items() if isinstance(v, (int, float))},
         d=d,
         vocab=vocab,
         eod=vocab - 1,
@@ -37,22 +42,75 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
     )
 
 
+def _unsupported(bag: DiagnosticBag, what: str, span: Span | None) -> None:
+    hint = "`nestc check` accepts it; the runtime issue adds it"
+    bag.error("E040", f"{what} is not supported by the runtime yet", span, hint)
+
+
+def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
+    """Everything the language accepts but this runtime cannot run yet, each named precisely."""
+    for level in system.levels:
+        where = level.span
+        if level.outer is not None and level.outer.kind not in ("adamw", "sgd"):
+            _unsupported(bag, f"outer optimizer `{level.outer.kind}`", level.spans.get("optimizer", where))
+        if level.selectors:
+            _unsupported(bag, "a `params` selector", level.spans.get("params", where))
+        if level.memory is None:
+            continue
+        if level.memory.kind != "matrix":
+            _unsupported(bag, f"memory `{level.memory.kind}`", level.spans.get("memory", where))
+            continue
+        if level.objective is not None and level.objective.kind not in ("dot", "l2"):
+            _unsupported(bag, f"objective `{level.objective.kind}`", level.spans.get("objective", where))
+        if level.inner is not None and level.inner.kind != "gd":
+            _unsupported(bag, f"inner optimizer `{level.inner.kind}`", level.spans.get("optimizer", where))
+        if level.read.every is not None:
+            _unsupported(bag, "a coarser read boundary", level.spans.get("read", where))
+        if "targets" in level.roles or level.stopgrad_targets:
+            _unsupported(bag, "generated targets", level.spans.get("targets", where))
+        for name, rate in level.rates().items():
+            if rate.shape == "channel":
+                _unsupported(bag, f"a per-channel `{name}`", level.spans.get("optimizer", where))
+        for role, expr in level.inputs().items():
+            problem = _unsupported_expr(expr)
+            if problem:
+                _unsupported(bag, problem, level.spans.get(role, level.spans.get("optimizer", where)))
+    _reject_unsupported_nodes(system.model, bag)
+
+
+def _unsupported_expr(expr: ir.Expr) -> str | None:
+    if isinstance(expr, ir.Read):
+        return f"reading level `{expr.level}` inside an expression"
+    if isinstance(expr, ir.Fn) and expr.fn not in RUNTIME_FUNCTIONS:
+        return f"the function `{expr.fn}`"
+    if isinstance(expr, ir.RoleRef):
+        return f"`{expr.role}` inside an expression"
+    if isinstance(expr, ir.Linear) and not isinstance(expr.arg, ir.Input):
+        return "`linear` of anything but `x`"
+    children = [getattr(expr, k) for k in ("arg", "left", "right") if hasattr(expr, k)]
+    return next((p for p in (_unsupported_expr(c) for c in children) if p), None)
+
+
+def _reject_unsupported_nodes(node: ir.Node, bag: DiagnosticBag) -> None:
+    if isinstance(node, ir.LayerNode) and node.kind not in RUNTIME_LAYERS:
+        _unsupported(bag, f"the layer `{node.kind}`", node.span)
+    elif isinstance(node, (ir.ParallelNode, ir.GateNode, ir.PrefixNode)):
+        _unsupported(bag, f"the composition `{node.node}`", None)
+    elif isinstance(node, ir.SeqNode):
+        for item in node.items:
+            _reject_unsupported_nodes(item, bag)
+    elif isinstance(node, (ir.RepeatNode, ir.ResidualNode)):
+        _reject_unsupported_nodes(node.body, bag)
+
+
 def _expr(expr: ir.Expr, bag: DiagnosticBag, level: ir.Level) -> dict[str, Any]:
-    for read in ir.expr_reads(expr):
-        bag.error(
-            "E026",
-            f"`{level.name}` reads level `{read.level}` inside an expression; the runtime does not "
-            "run level-generated inputs yet",
-            read.span,
-            "generate keys, values and rates from `x`",
-        )
-    return expr.model_dump(exclude={"span"})
+    return expr.model_dump(exclude={"span"}, exclude_none=True)
 
 
 def _level_plan(system: ir.System, level: ir.Level, bag: DiagnosticBag) -> MemoryLevelPlan | None:
     assert level.inner is not None and level.objective is not None
-    heads = int(system.params.get("heads", 1)) if level.memory and level.memory.per_head else 1
-    d_head = int(system.params["d"]) // heads
+    heads = int(system.number("heads", 1)) if level.memory and level.memory.per_head else 1
+    d_head = system.d // heads
     roles = {role: _expr(level.roles[role], bag, level) for role in ("keys", "values")}
     queries = _expr(level.roles["queries"], bag, level) if "queries" in level.roles else roles["keys"]
     return MemoryLevelPlan(
@@ -85,6 +143,7 @@ def _layers(node: ir.Node, group: str | None = None) -> list[LayerPlan]:
         return [LayerPlan(op="residual", name="residual", body=_layers(node.body, group), group=group)]
     if isinstance(node, ir.LevelNode):
         return [LayerPlan(op="memory", name=node.level, level=node.level, group=group)]
+    assert isinstance(node, ir.LayerNode)
     return [LayerPlan(op=node.kind, name=node.kind, group=group)]
 
 
