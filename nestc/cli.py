@@ -20,8 +20,8 @@ import click
 from nestc_runtime import CompiledModel, RuntimeInputError
 
 from . import codes
-from .diagnostics import Diagnostic, SourceMap, render, to_json
-from .ir.elaborate import suggest
+from .diagnostics import CompileError, Diagnostic, SourceMap, render, to_json
+from .ir.elaborate import ParamValue, suggest
 from .pipeline import Compilation, SpecError, SpecFileError, front_end, to_plan
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
@@ -35,9 +35,10 @@ class UsageProblem(click.UsageError):
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
-def _parse_sets(items: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """`--set NAME=V`: bare names set spec parameters (numbers), dotted names set run settings."""
-    params: dict[str, float] = {}
+def _parse_sets(items: Sequence[str]) -> tuple[dict[str, ParamValue], dict[str, str]]:
+    """`--set NAME=V`: bare names set spec parameters (a number, a word, or a list `[16,64]`), dotted names
+    set run settings."""
+    params: dict[str, ParamValue] = {}
     settings: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -46,28 +47,60 @@ def _parse_sets(items: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]
             raise UsageProblem(f"--set expects NAME=VALUE, got {item!r}")
         if "." in name:
             settings[name] = value
-            continue
-        try:
-            params[name] = float(value)
-        except ValueError:
-            raise UsageProblem(f"--set {name}={value}: a spec parameter takes a number") from None
+        else:
+            params[name] = _param_value(name, value)
     return params, settings
 
 
+def _param_value(name: str, value: str) -> ParamValue:
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            return [float(v) for v in value[1:-1].split(",") if v.strip()]
+        except ValueError:
+            raise UsageProblem(f"--set {name}={value}: a list holds numbers, e.g. [16,64,256]") from None
+    if value.isidentifier():
+        return value
+    raise UsageProblem(f"--set {name}={value}: a spec parameter takes a number, a word or a list of numbers")
+
+
 def _print_diagnostics(diags: list[Diagnostic], sources: SourceMap, fmt: str) -> None:
+    """Diagnostics to stderr: colours through rich on a terminal, plain text otherwise; JSON on request."""
     if fmt == "json":
         click.echo(to_json(diags, sources))
         return
+    console = _console()
     for diag in diags:
         text = render(diag, sources)
-        color = "red" if diag.severity == "error" else "yellow"
         first, _, rest = text.partition("\n")
-        click.echo(click.style(first, fg=color, bold=True) + ("\n" + rest if rest else ""), err=True)
+        if console is None:
+            click.echo(text, err=True)
+            continue
+        from rich.text import Text
+
+        color = "bold red" if diag.severity == "error" else "bold yellow"
+        console.print(Text(first, style=color) + Text("\n" + rest if rest else ""))
 
 
-def _compile(spec: str, sets: Sequence[str], fmt: str) -> tuple[Compilation, dict[str, str]]:
+def _console() -> Any:
+    """A rich console on stderr when it is a terminal; None for the plain fallback (pipes, CI, no rich)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _compile(
+    spec: str, sets: Sequence[str], fmt: str, seq_len: int | None = None
+) -> tuple[Compilation, dict[str, str]]:
     params, settings = _parse_sets(sets)
-    compilation = front_end(spec, params)
+    compilation = front_end(spec, params, seq_len)
     if compilation.warnings and fmt == "text":
         _print_diagnostics(compilation.warnings, compilation.sources, fmt)
     return compilation, settings
@@ -91,14 +124,65 @@ def cli() -> None:
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Training length, for the chunk warning.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def check(spec: str, sets: tuple[str, ...], fmt: str) -> None:
+def check(spec: str, sets: tuple[str, ...], seq_len: int | None, fmt: str) -> None:
     """Parse and check SPEC; print every error and warning."""
-    compilation, _ = _compile(spec, sets, fmt)
+    compilation, _ = _compile(spec, sets, fmt, seq_len)
     if fmt == "json":
         click.echo(to_json(compilation.warnings, compilation.sources))
     else:
         click.echo(_describe(compilation))
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--check", "check_only", is_flag=True, help="Exit 1 if a file is not canonical; change nothing.")
+@click.option("--stdout", is_flag=True, help="Print the canonical text instead of rewriting the file.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def fmt(specs: tuple[str, ...], check_only: bool, stdout: bool, fmt: str) -> int:
+    """Rewrite SPECS in canonical form (comments kept)."""
+    from .language.format import format_source
+    from .language.parser import parse
+    from .pipeline import SpecError, read_source
+
+    changed = []
+    for spec in specs:
+        source = read_source(spec)
+        try:
+            canonical = format_source(source, parse(source))
+        except CompileError as exc:
+            sources = SourceMap()
+            sources.add(source)
+            raise SpecError(exc.diagnostics, sources) from None
+        if stdout:
+            click.echo(canonical, nl=False)
+        elif canonical != source.text:
+            changed.append(spec)
+            if not check_only:
+                _write_atomic(Path(spec), canonical)
+    if fmt == "json":
+        click.echo(json.dumps({"not_canonical" if check_only else "rewritten": changed}))
+    else:
+        for spec in changed:
+            click.echo(f"{spec}: {'not canonical' if check_only else 'formatted'}", err=True)
+    return EXIT_INPUT if check_only and changed else EXIT_OK
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def show(spec: str, sets: tuple[str, ...], fmt: str) -> None:
+    """A table of SPEC's level instances: memory, objective, optimizer, frequency, reads, owner, parameters."""
+    from .show import level_table, render_table
+
+    compilation, _ = _compile(spec, sets, fmt)
+    rows = level_table(compilation.system)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(render_table(compilation.system, rows))
 
 
 @cli.command(name="compile")

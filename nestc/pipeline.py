@@ -6,6 +6,7 @@ needed to render them, so `str(error)` is the same text `nestc check` prints.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 from nestc_runtime.plan import Plan
 
 from .checks.rules import check
-from .diagnostics import CompileError, Diagnostic, Source, SourceMap, render
+from .diagnostics import CompileError, Diagnostic, DiagnosticBag, Source, SourceMap, Span, render
 from .ir import models as ir
-from .ir.elaborate import elaborate
+from .ir.elaborate import ParamValue, elaborate
+from .language import ast
 from .language.parser import parse
 from .lower.lower import lower
 
@@ -61,17 +63,55 @@ def read_source(path: str | Path) -> Source:
     return Source(str(path), text)
 
 
-def front_end(path: str | Path, params: Mapping[str, float] | None = None) -> Compilation:
+class _FragmentLoader:
+    """Resolves `import "file.nest"` relative to the importing file; fragments may import fragments."""
+
+    def __init__(self, root: Path, sources: SourceMap, bag: DiagnosticBag) -> None:
+        self.sources = sources
+        self.bag = bag
+        self.stack: list[Path] = [root.resolve()]
+
+    def __call__(self, written: str, span: Span) -> ast.System | None:
+        path = (self.stack[-1].parent / written).resolve()
+        if path in self.stack:
+            self.bag.error("E030", f'"{written}" imports itself (a cycle of imports)', span)
+            return None
+        try:
+            source = read_source(path)
+        except SpecFileError as exc:
+            self.bag.error(
+                "E030",
+                f'cannot import "{written}": {str(exc).split(": ", 1)[-1]}',
+                span,
+                "imports are resolved relative to the importing file",
+            )
+            return None
+        self.sources.add(source)
+        fragment = parse(source)
+        self.stack.append(path)
+        try:
+            nested = [item for imp in fragment.imports if (f := self(imp.path, imp.span)) for item in f.items]
+        finally:
+            self.stack.pop()
+        return dataclasses.replace(fragment, items=(*nested, *fragment.items))
+
+
+def front_end(
+    path: str | Path, params: Mapping[str, ParamValue] | None = None, seq_len: int | None = None
+) -> Compilation:
     """Parse, elaborate and check a spec; raises SpecError with every error (and the warnings)."""
     source = read_source(path)
     sources = SourceMap()
     sources.add(source)
+    import_errors = DiagnosticBag()
     try:
-        system = elaborate(parse(source), params)
-        bag = check(system)
+        loader = _FragmentLoader(Path(path), sources, import_errors)
+        system = elaborate(parse(source), params, loader)
+        import_errors.raise_if_errors()
+        bag = check(system, seq_len)
         bag.raise_if_errors()
     except CompileError as exc:
-        raise SpecError(exc.diagnostics, sources) from None
+        raise SpecError(import_errors.items + exc.diagnostics, sources) from None
     return Compilation(str(path), source, sources, system, bag.warnings)
 
 

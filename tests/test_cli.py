@@ -47,7 +47,8 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert run(capsys, "check", str(tmp_path / "missing.nest"))[0] == 2
     assert run(capsys, "check", str(SPEC), "--bogus")[0] == 2
     assert run(capsys, "check", str(SPEC), "--set", "d")[0] == 2
-    assert run(capsys, "check", str(SPEC), "--set", "d=abc")[0] == 2
+    assert run(capsys, "check", str(SPEC), "--set", "d=a+b")[0] == 2
+    assert run(capsys, "check", str(SPEC), "--set", "d=[1,x]")[0] == 2
     assert run(capsys, "explain", "E999")[0] == 2
     assert run(capsys, "frobnicate")[0] == 2
 
@@ -55,6 +56,8 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 def test_unknown_spec_parameter_is_an_input_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "check", str(SPEC), "--set", "dd=3")
     assert code == 1 and "E017" in err and "did you mean `d`?" in err
+    code, _, err = run(capsys, "check", str(SPEC), "--set", "d=abc")
+    assert code == 1 and "E016" in err and "`d` is a number, not a name" in err
 
 
 def test_explain(capsys: pytest.CaptureFixture[str]) -> None:

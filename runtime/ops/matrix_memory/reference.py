@@ -35,9 +35,7 @@ def _rows(mask: Tensor, x: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (x.dim() - 1)))
 
 
-def _entering_state(
-    state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def _entering_state(state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(S, P, m) as seen by the token about to be processed, with the outer-gradient mode applied.
 
     "stop": every state is θ_init + sg(θ - θ_init) (the momentum starts at 0, so it is detached).
@@ -159,9 +157,7 @@ def scan(
     for t in range(steps):
         valid_t = None if lengths is None else lengths > t
         beta_t = None if momentum is None else momentum[:, :, t]
-        o_t, state = step(
-            state, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], retain[:, :, t], cfg, valid_t, beta_t
-        )
+        o_t, state = step(state, q[:, :, t], k[:, :, t], v[:, :, t], lr[:, :, t], retain[:, :, t], cfg, valid_t, beta_t)
         outputs.append(o_t)
     if not outputs:
         return q.new_zeros(*q.shape[:2], 0, v.shape[-1]), state

@@ -1,0 +1,234 @@
+"""Configuration, carried state and shared maths of an MLP-memory level.
+
+Per batch row and head the memory is M(x) = x + W1 σ(W2 x) (or x + LN(W1 σ(W2 x)) with ``norm``),
+W2 ∈ R^{h×d} (input side), W1 ∈ R^{d×h} (output side), σ = SiLU.  Its parameters θ = (W1, W2) are
+trained in context by an inner optimizer on ℓ(θ; k, v); the initial state θ_{-1} is always given
+by the caller (a meta-learned parameter: gradients reach it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+OBJECTIVES = ("dot", "l2")
+READS = ("online", "before", "boundary")
+GRADS = ("through", "stop", "truncate")
+OPTIMIZERS = ("gd", "momentum_gd", "dgd")
+ACTIVATIONS = ("silu",)
+
+_MIN_RATE = 1e-30
+
+
+@dataclass(frozen=True)
+class MLPMemoryConfig:
+    """Static configuration of one MLP-memory level.
+
+    objective: "l2" (ℓ = ½‖M(k) - v‖²) or "dot" (ℓ = -⟨M(k), v⟩).
+    chunk: chunk size C ≥ 1; every g_t of a chunk is taken at the chunk-start state θ_{b-1}.
+    read: "online" (θ_t), "before" (θ_{t-1}) or "boundary" (θ_{b-1}); o_t = M_θ(q_t).
+    grad: outer-gradient mode "through", "stop" or "truncate" (every ``truncate_k`` chunks).
+    optimizer: "gd" (θ ← α θ - η g), "momentum_gd" (m ← β m - η g, θ ← α θ + m, per parameter) or
+        "dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η g2 with k̂ = k / ‖k‖; W1 ← α W1 - η g1).
+    norm: M(x) = x + LN(W1 σ(W2 x)) with a parameter-free LayerNorm over d (eps ``ln_eps``).
+    A per-channel α (B,H,T,d) acts on the model channels: W2 ← W2·diag(α), W1 ← diag(α)·W1.
+    """
+
+    objective: str = "l2"
+    chunk: int = 1
+    read: str = "online"
+    grad: str = "through"
+    truncate_k: int = 1
+    optimizer: str = "gd"
+    norm: bool = False
+    activation: str = "silu"
+    ln_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name, choices in (
+            ("objective", OBJECTIVES),
+            ("read", READS),
+            ("grad", GRADS),
+            ("optimizer", OPTIMIZERS),
+            ("activation", ACTIVATIONS),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if int(self.chunk) != self.chunk or self.chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
+        if int(self.truncate_k) != self.truncate_k or self.truncate_k < 1:
+            raise ValueError(f"truncate_k must be an int >= 1, got {self.truncate_k!r}")
+
+
+@dataclass
+class MLPMemoryState:
+    """State carried between calls (exact streaming).
+
+    W1: (B,H,d,h), W2: (B,H,h,d) the state θ after the last consumed token.
+    P1, P2: the chunk-start state θ_{b-1} (the linearisation point of the current chunk).
+    phase: (B,) int64 tokens of the current chunk already consumed; chunks_done: (B,) int64.
+    init1: (H,d,h) or (B,H,d,h), init2: (H,h,d) or (B,H,h,d), the document initial state θ_{-1}.
+    M1, M2: momentum buffers of "momentum_gd" (``None`` at construction means zeros).
+    """
+
+    W1: Tensor
+    W2: Tensor
+    P1: Tensor
+    P2: Tensor
+    phase: Tensor
+    chunks_done: Tensor
+    init1: Tensor
+    init2: Tensor
+    M1: Tensor = None  # type: ignore[assignment]
+    M2: Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.M1 is None:
+            self.M1 = torch.zeros_like(self.W1)
+        if self.M2 is None:
+            self.M2 = torch.zeros_like(self.W2)
+
+    @classmethod
+    def initial(cls, init1: Tensor, init2: Tensor, batch: int) -> MLPMemoryState:
+        """Start-of-document state: θ = θ_{b-1} = θ_init, zero momentum, phase 0."""
+        W1, W2 = init_rows(init1, batch), init_rows(init2, batch)
+        zeros_long = torch.zeros(batch, dtype=torch.int64, device=init1.device)
+        return cls(W1, W2, W1, W2, zeros_long, zeros_long.clone(), init1, init2)
+
+    @property
+    def batch(self) -> int:
+        return self.W1.shape[0]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(W1, W2, P1, P2, M1, M2)."""
+        return self.W1, self.W2, self.P1, self.P2, self.M1, self.M2
+
+    def replace(self, **fields: Tensor) -> MLPMemoryState:
+        values = {
+            name: getattr(self, name)
+            for name in ("W1", "W2", "P1", "P2", "phase", "chunks_done", "init1", "init2", "M1", "M2")
+        }
+        values.update(fields)
+        return MLPMemoryState(**values)
+
+    def detach(self) -> MLPMemoryState:
+        """The same state cut from the autograd graph."""
+        return self.replace(
+            **{n: getattr(self, n).detach() for n in ("W1", "W2", "P1", "P2", "M1", "M2", "init1", "init2")}
+        )
+
+    def select(self, rows: Tensor | slice | int) -> MLPMemoryState:
+        """The state of a subset of batch rows (an int keeps the batch dimension)."""
+        index = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        fields = {n: getattr(self, n)[index] for n in ("W1", "W2", "P1", "P2", "M1", "M2", "phase", "chunks_done")}
+        for n in ("init1", "init2"):
+            x = getattr(self, n)
+            fields[n] = x[index] if x.dim() == 4 else x
+        return self.replace(**fields)
+
+    @classmethod
+    def cat(cls, states: Sequence[MLPMemoryState]) -> MLPMemoryState:
+        """Concatenate along the batch dimension (a shared (H,·,·) init stays shared)."""
+        first = states[0]
+        fields = {
+            n: torch.cat([getattr(s, n) for s in states])
+            for n in ("W1", "W2", "P1", "P2", "M1", "M2", "phase", "chunks_done")
+        }
+        for n in ("init1", "init2"):
+            x = getattr(first, n)
+            fields[n] = torch.cat([getattr(s, n) for s in states]) if x.dim() == 4 else x
+        return first.replace(**fields)
+
+
+def init_rows(init: Tensor, batch: int) -> Tensor:
+    """An initial weight (H,m,n) or (B,H,m,n) broadcast to (B,H,m,n)."""
+    if init.dim() == 3:
+        return init.unsqueeze(0).expand(batch, *init.shape)
+    if init.dim() == 4 and init.shape[0] == batch:
+        return init
+    raise ValueError(f"init must be (H,m,n) or (B,H,m,n) with B={batch}, got {tuple(init.shape)}")
+
+
+def safe_log(rate: Tensor) -> Tensor:
+    """log of a rate in (0, 1], clamped away from 0 so that differences of cumulative sums stay finite."""
+    return torch.log(rate.clamp_min(_MIN_RATE))
+
+
+def stop_gradient(theta: Tensor, init: Tensor) -> Tensor:
+    """θ_init + sg(θ - θ_init)."""
+    start = init_rows(init, theta.shape[0])
+    return start + (theta - start).detach()
+
+
+def truncation_mask(phase: Tensor, chunks_done: Tensor, cfg: MLPMemoryConfig, steps: int) -> Tensor:
+    """(B,steps) bool: the whole state is detached just before token j of this call."""
+    pos = torch.arange(steps, device=phase.device)
+    offset = phase[:, None] + pos
+    count = chunks_done[:, None] + offset // cfg.chunk
+    starts = offset % cfg.chunk == 0
+    return starts & (count > 0) & (count % cfg.truncate_k == 0)
+
+
+# ---------------------------------------------------------------- the memory and its gradients
+
+
+def activation(a: Tensor) -> Tensor:
+    """σ = SiLU."""
+    return a * torch.sigmoid(a)
+
+
+def activation_grad(a: Tensor) -> Tensor:
+    """σ'(a) for SiLU: s(a) (1 + a (1 - s(a))), s the logistic function."""
+    sig = torch.sigmoid(a)
+    return sig * (1 + a * (1 - sig))
+
+
+def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Parameter-free LayerNorm over the last axis: (n, r) with n = (z - mean) r, r = 1/√(var + eps)."""
+    centred = z - z.mean(-1, keepdim=True)
+    r = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    return centred * r, r
+
+
+def layer_norm_backward(e: Tensor, n: Tensor, r: Tensor) -> Tensor:
+    """∂/∂z of ⟨e, LN(z)⟩: r (e - mean(e) - n mean(e ⊙ n))."""
+    return r * (e - e.mean(-1, keepdim=True) - n * (e * n).mean(-1, keepdim=True))
+
+
+def apply_memory(W1: Tensor, W2: Tensor, x: Tensor, cfg: MLPMemoryConfig) -> Tensor:
+    """M_θ(x) for x (B,H,L,d) and θ = (W1 (B,H,d,h), W2 (B,H,h,d)) -> (B,H,L,d)."""
+    hidden = activation(x @ W2.transpose(-1, -2))
+    z = hidden @ W1.transpose(-1, -2)
+    return x + (layer_norm(z, cfg.ln_eps)[0] if cfg.norm else z)
+
+
+def output_map(z: Tensor, cfg: MLPMemoryConfig) -> Tensor:
+    """The branch output from z = W1 σ(W2 x): z, or LN(z) with ``norm``."""
+    return layer_norm(z, cfg.ln_eps)[0] if cfg.norm else z
+
+
+def token_gradients(
+    P1: Tensor, P2: Tensor, k: Tensor, v: Tensor, cfg: MLPMemoryConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-one factors of the per-token gradients at θ = (P1, P2), for k, v (B,H,L,d).
+
+    Returns (δ, s, u), (B,H,L,d), (B,H,L,h), (B,H,L,h) with g1 = δ sᵀ (∂ℓ/∂W1) and g2 = u kᵀ (∂ℓ/∂W2):
+    a = W2 k, s = σ(a), z = W1 s, e = ∂ℓ/∂M = M(k) - v ("l2") or -v ("dot"), δ = e (or LN's
+    backward of e), u = (W1ᵀ δ) ⊙ σ'(a).
+    """
+    a = k @ P2.transpose(-1, -2)
+    s = activation(a)
+    z = s @ P1.transpose(-1, -2)
+    if cfg.norm:
+        n, r = layer_norm(z, cfg.ln_eps)
+        y = n
+    else:
+        y = z
+    e = k + y - v if cfg.objective == "l2" else -v
+    delta = layer_norm_backward(e, n, r) if cfg.norm else e
+    u = (delta @ P1) * activation_grad(a)
+    return delta, s, u
