@@ -103,7 +103,7 @@ class Elaborator:
                 self.bag.error(
                     "E017", f"`--set {name}=...` names no parameter of `{self.ast.name.id}`", self.ast.name.span, hint
                 )
-            elif type(_kind(value)) is not type(_kind(self.params[name])):
+            elif _kind(value) != _kind(self.params[name]):
                 self.bag.error(
                     "E016",
                     f"`--set {name}`: `{name}` is a {_kind(self.params[name])}, not a {_kind(value)}",
