@@ -77,7 +77,7 @@ class _FragmentLoader:
             self.bag.error("E030", f'"{written}" imports itself (a cycle of imports)', span)
             return None
         try:
-            source = read_source(path)
+            source = read_source(_display_path(path))
         except SpecFileError as exc:
             self.bag.error(
                 "E030",
@@ -94,6 +94,14 @@ class _FragmentLoader:
         finally:
             self.stack.pop()
         return dataclasses.replace(fragment, items=(*nested, *fragment.items))
+
+
+def _display_path(path: Path) -> Path:
+    """A path relative to the working directory when it lies under it (for readable diagnostics)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def front_end(

@@ -88,3 +88,20 @@ def test_stop_mode_warns_about_projections_without_gradient(tmp_path: Path) -> N
     warnings = front_end(spec).warnings
     assert [w.code for w in warnings] == ["W001"]
     assert "keys, values, lr" in warnings[0].message
+
+
+def test_self_modifying_titans_checks_clean_and_its_online_variant_is_a_cycle(tmp_path: Path) -> None:
+    specs = Path(__file__).parents[1] / "specs"
+    assert front_end(specs / "titans_selfmod.nest").warnings == []
+    fragment = (specs / "fragments" / "self_modifying_titans.nest").read_text()
+    # M_k generating its own keys from its online state needs its update before the update happens.
+    broken = fragment.replace("keys      M_k(x) |> l2norm", "keys      M_k(x, read = online) |> l2norm", 1)
+    assert broken != fragment
+    (tmp_path / "fragments").mkdir()
+    (tmp_path / "fragments" / "self_modifying_titans.nest").write_text(broken)
+    spec = tmp_path / "selfmod.nest"
+    spec.write_text((specs / "titans_selfmod.nest").read_text())
+    with pytest.raises(SpecError) as info:
+        front_end(spec)
+    (diag,) = [d for d in info.value.diagnostics if d.code == "E020"]
+    assert "update of `M_k`" in diag.message and "`M_k` read online (M_k.keys)" in diag.message

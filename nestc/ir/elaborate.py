@@ -386,8 +386,13 @@ class Elaborator:
     ) -> None:
         where = stmts["update"].span if "update" in stmts else level.name.span
         if memory is not None and memory.kind == "persistent":
-            if update.unit != "frozen":
-                self.bag.error("E016", "a persistent memory is frozen in context", where, "write `update frozen`")
+            if update.unit == "token":
+                self.bag.error(
+                    "E016",
+                    "a persistent memory is frozen in context: it learns only from the outer loss",
+                    where,
+                    "write `update every step` (trained with its owner) or `update frozen`",
+                )
             return
         if memory is not None and memory.kind == "kv" and (update.unit, update.count) != ("token", 1):
             self.bag.error("E016", "a `kv` memory (attention) takes in every token", where, "`update every token`")
@@ -879,6 +884,8 @@ class Elaborator:
             return ir.ParallelNode(items=[p for p in parts if p is not None])
         if isinstance(e, ast.Call) and e.fn.id in cat.COMPOSITIONS:
             return self._composition(e, stack)
+        if isinstance(e, ast.Call) and e.fn.id in self.level_asts:
+            return self._read_site(e)
         self.bag.error(
             "E018",
             "a model is made of layers, levels and compositions",
@@ -918,6 +925,27 @@ class Elaborator:
         if e.fn.id == "gate":
             return ir.GateNode(value=ir.SeqNode(items=[]), gate=nodes[0])
         return ir.PrefixNode(attention=nodes[0], memory=nodes[1])
+
+    def _read_site(self, e: ast.Call) -> ir.Node | None:
+        """`memory(read = boundary, every = 64)`: one more read of a level, at another state; only the
+        level's own use (without arguments) feeds its update."""
+        use = self._level_use(e.fn)
+        if use is None:
+            return None
+        if e.args:
+            self.bag.error("E015", f"a read site of `{e.fn.id}` takes `read = ...` and `every = ...`", e.args[0].span)
+            return None
+        mode, every = "online", None
+        for kw in self._kwargs_only(e, {"read", "every"}):
+            if kw.name.id == "read" and isinstance(kw.value, ast.Name):
+                mode = self._word(kw.value, cat.READ_MODES, "read mode") or "online"
+            elif kw.name.id == "every":
+                every = self._positive_int(kw.value, "a read boundary")
+            else:
+                self.bag.error("E016", "`read` takes `online`, `before` or `boundary`", kw.value.span)
+        if every is not None and mode != "boundary":
+            self.bag.error("E016", "only a `boundary` read can name a coarser boundary", e.span)
+        return ir.LevelNode(level=e.fn.id, span=e.span, read=ir.ReadMode(mode=mode, every=every))  # type: ignore[arg-type]
 
     def _indexed_node(self, e: ast.Indexed) -> ir.Node | None:
         names = self.range_levels.get(e.name.id)

@@ -260,6 +260,7 @@ class LevelNode(_Model):
     node: Literal["level"] = "level"
     level: LevelName
     span: Span
+    read: ReadMode | None = None  # another read site of the level (`memory(read = boundary, every = 64)`)
 
 
 class SeqNode(_Model):
