@@ -1,8 +1,9 @@
 """A compiled system as an `nn.Module`: builds the layers of a plan and schedules them.
 
 Two backends share one set of parameters:
-- `reference`: the oracle of DESIGN §3, one token at a time through the whole model.
-- `chunked`: the fast path, whole windows through each layer in turn, the memory op in parallel blocks.
+- `reference`: the oracle of DESIGN §3, one token at a time through the whole model, each level with its
+  per-token op.
+- `chunked`: the fast path, whole windows through each layer in turn, each level with its parallel op.
 
 Documents: a token after the end-of-document id, or a `doc_start` mask, starts a new document and every
 in-context level returns to its initial state. The chunked backend does this by repacking a packed batch
@@ -19,18 +20,19 @@ from torch import Tensor, nn
 
 from .errors import RuntimeInputError
 from .layers import LAYERS
-from .memory_layer import MemoryLayer, Probe, take_rows, where_rows
-from .ops.matrix_memory import MatrixMemoryState
+from .levels import LEVELS, Level, LevelState, Probe, where_rows
+from .ops.sequence_layers import STATELESS_LAYERS
 from .plan import LayerPlan, Plan
 
 BACKENDS = ("reference", "chunked", "auto")
+States = dict[str, LevelState]
 
 
 @dataclass
 class ModelState:
-    """What a stream carries between calls: every level instance's memory state, per row."""
+    """What a stream carries between calls: every level instance's state, per row."""
 
-    memories: dict[str, MatrixMemoryState]
+    memories: States
     last_was_eod: Tensor  # (B,) bool: the previous call ended a document
 
     def detach(self) -> ModelState:
@@ -45,24 +47,58 @@ class Residual(nn.Module):
         self.body = nn.ModuleList(body)
 
 
+class Gated(nn.Module):
+    """`a * gate(b)`: a(x) ⊙ sigmoid(W b(x)) (an empty `a` is the identity)."""
+
+    def __init__(self, body: list[nn.Module], gate: list[nn.Module], d: int) -> None:
+        super().__init__()
+        self.body = nn.ModuleList(body)
+        self.gate = nn.ModuleList(gate)
+        self.proj = nn.Linear(d, d, bias=False)
+
+
+class Parallel(nn.Module):
+    """`a + b`: the branches see the same input; their outputs are summed."""
+
+    def __init__(self, branches: list[list[nn.Module]]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([nn.ModuleList(b) for b in branches])
+
+
+@dataclass
+class _Window:
+    """How one window runs: which op form, which rows are padding, where probes go."""
+
+    reference: bool
+    lengths: Tensor | None
+    probes: dict[str, Probe] | None
+
+
 class CompiledModel(nn.Module):
     def __init__(self, plan: Plan, backend: str = "auto") -> None:
         super().__init__()
         self.plan = plan
-        self.memory_layers: dict[str, MemoryLayer] = {}
+        self.levels: dict[str, Level] = {}
         self.layers = nn.ModuleList([self._build(layer) for layer in plan.layers])
         self.backend = backend
 
     # ---- construction
     def _build(self, layer: LayerPlan) -> nn.Module:
+        d, vocab = self.plan.d, self.plan.vocab
         if layer.op == "residual":
             return Residual([self._build(b) for b in layer.body])
+        if layer.op == "gate":
+            return Gated([self._build(b) for b in layer.body], [self._build(b) for b in layer.branches[0]], d)
+        if layer.op == "parallel":
+            return Parallel([[self._build(b) for b in branch] for branch in layer.branches])
         if layer.op == "memory":
             assert layer.level is not None
-            module = MemoryLayer(self.plan.levels[layer.level], self.plan.d, instance=layer.name)
-            self.memory_layers[layer.name] = module
+            level_plan = self.plan.levels[layer.level]
+            module = LEVELS[level_plan.kind](level_plan, d, layer.name)
+            self.levels[layer.name] = module
             return module
-        return LAYERS[layer.op](self.plan.d, self.plan.vocab)
+        factory = LAYERS.get(layer.op) or STATELESS_LAYERS[layer.op]
+        return factory(d, vocab)
 
     @property
     def backend(self) -> str:
@@ -83,9 +119,9 @@ class CompiledModel(nn.Module):
         owner_of = {lv: o.name for o in self.plan.optimizers for lv in o.owns_levels}
         default = next((o.name for o in self.plan.optimizers if o.default), None)
         claimed: set[int] = set()
-        for layer in self.memory_layers.values():
-            group = owner_of.get(layer.plan.name, default)
-            for p in layer.parameters():
+        for level in self.levels.values():
+            group = owner_of.get(level.plan.name, default)
+            for p in level.parameters():
                 if group is not None and id(p) not in claimed:
                     params[group].append(p)
                     claimed.add(id(p))
@@ -100,7 +136,7 @@ class CompiledModel(nn.Module):
 
     def init_state(self, batch: int) -> ModelState:
         like = next(self.parameters())
-        memories = {name: layer.init_state(batch, like) for name, layer in self.memory_layers.items()}
+        memories = {name: level.init_state(batch, like) for name, level in self.levels.items()}
         return ModelState(memories, torch.zeros(batch, dtype=torch.bool, device=like.device))
 
     # ---- the call
@@ -115,7 +151,7 @@ class CompiledModel(nn.Module):
     ) -> Any:
         """Without a state: a whole sequence, returns logits (B, T, V). With a state: continues a stream and
         returns (logits, state). `final=True` ends the stream (the per-token state is already flushed, so it
-        changes nothing for matrix memories). With `probe=True` a dict of per-level tensors comes last."""
+        changes nothing for these levels). With `probe=True` a dict of per-level tensors comes last."""
         streaming = state is not None
         if tokens.dim() != 2:
             raise RuntimeInputError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
@@ -142,38 +178,25 @@ class CompiledModel(nn.Module):
 
     # ---- the reference interpreter: one token at a time through the whole model
     def _reference(
-        self, tokens: Tensor, memories: dict[str, MatrixMemoryState], starts: Tensor, probe: bool
-    ) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
+        self, tokens: Tensor, memories: States, starts: Tensor, probe: bool
+    ) -> tuple[Tensor, States, dict[str, Probe]]:
         batch, length = tokens.shape
         fresh = self.init_state(batch).memories
         mem = dict(memories)
-        steps: dict[str, list[Probe]] = {name: [] for name in self.memory_layers}
-        outputs = []
+        outputs, steps = [], []
         for t in range(length):
             reset = starts[:, t]
             if reset.any():
                 mem = {name: where_rows(reset, fresh[name], s) for name, s in mem.items()}
-            outputs.append(self._step(self.layers, tokens[:, t], mem, steps if probe else None))
-        probes = {name: {k: torch.stack([p[k] for p in ps], 2) for k in ps[0]} for name, ps in steps.items() if ps}
-        return torch.stack(outputs, 1), mem, probes
-
-    def _step(
-        self, layers: nn.ModuleList, h: Tensor, mem: dict[str, MatrixMemoryState], steps: dict[str, list[Probe]] | None
-    ) -> Tensor:
-        for layer in layers:
-            if isinstance(layer, Residual):
-                h = h + self._step(layer.body, h, mem, steps)
-            elif isinstance(layer, MemoryLayer):
-                name = layer.instance
-                h, mem[name] = layer.step(h, mem[name], None, steps[name] if steps is not None else None)
-            else:
-                h = layer(h)
-        return h
+            window = _Window(True, None, {name: {} for name in self.levels} if probe else None)
+            outputs.append(self._run(self.layers, tokens[:, t : t + 1], mem, window))
+            steps.append(window.probes)
+        return torch.cat(outputs, 1), mem, _merge_probes(steps)
 
     # ---- the chunked runtime: whole windows through each layer
     def _chunked(
-        self, tokens: Tensor, memories: dict[str, MatrixMemoryState], starts: Tensor, probe: bool
-    ) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
+        self, tokens: Tensor, memories: States, starts: Tensor, probe: bool
+    ) -> tuple[Tensor, States, dict[str, Probe]]:
         batch = tokens.shape[0]
         fresh = self.init_state(batch).memories
         if not starts[:, 1:].any():  # one document per row: no repacking needed
@@ -181,51 +204,55 @@ class CompiledModel(nn.Module):
             return self._windows(tokens, mem, None, probe)
         docs = _Documents(starts)
         seg_fresh = self.init_state(docs.count).memories
-        mem = {name: where_rows(docs.carries, take_rows(s, docs.row), seg_fresh[name]) for name, s in memories.items()}
+        mem = {name: where_rows(docs.carries, s.select(docs.row), seg_fresh[name]) for name, s in memories.items()}
         logits, mem, probes = self._windows(docs.pack(tokens), mem, docs.length, probe)
         probes = {
             name: {k: docs.unpack(v.transpose(1, 2)).transpose(1, 2) for k, v in p.items()}
             for name, p in probes.items()
         }
-        return docs.unpack(logits), {n: take_rows(s, docs.last) for n, s in mem.items()}, probes
+        return docs.unpack(logits), {n: s.select(docs.last) for n, s in mem.items()}, probes
 
     def _windows(
-        self, tokens: Tensor, mem: dict[str, MatrixMemoryState], lengths: Tensor | None, probe: bool
-    ) -> tuple[Tensor, dict[str, MatrixMemoryState], dict[str, Probe]]:
+        self, tokens: Tensor, mem: States, lengths: Tensor | None, probe: bool
+    ) -> tuple[Tensor, States, dict[str, Probe]]:
         """The scheduler: advance the whole model one window at a time (all layers per window)."""
         length = tokens.shape[1]
-        window = self.plan.window or length
-        outputs, window_probes = [], []
-        for start in range(0, length, window):
-            stop = min(start + window, length)
+        size = self.plan.window or length
+        outputs, probes = [], []
+        for start in range(0, length, size):
+            stop = min(start + size, length)
             lens = None if lengths is None else (lengths - start).clamp(0, stop - start)
-            probes: dict[str, Probe] = {name: {} for name in self.memory_layers} if probe else {}
-            h = self._seq(self.layers, tokens[:, start:stop], mem, lens, probes)
-            outputs.append(h)
-            window_probes.append(probes)
-        merged = {
-            name: {k: torch.cat([p[name][k] for p in window_probes], 2) for k in window_probes[0][name]}
-            for name in (window_probes[0] if probe else {})
-        }
-        return torch.cat(outputs, 1), mem, merged
+            window = _Window(False, lens, {name: {} for name in self.levels} if probe else None)
+            outputs.append(self._run(self.layers, tokens[:, start:stop], mem, window))
+            probes.append(window.probes)
+        return torch.cat(outputs, 1), mem, _merge_probes(probes)
 
-    def _seq(
-        self,
-        layers: nn.ModuleList,
-        h: Tensor,
-        mem: dict[str, MatrixMemoryState],
-        lengths: Tensor | None,
-        probes: dict[str, Probe],
-    ) -> Tensor:
+    def _run(self, layers: nn.ModuleList, h: Tensor, mem: States, window: _Window) -> Tensor:
+        """Apply `layers` to a window h (B, T, ·), advancing the level states in `mem`."""
         for layer in layers:
             if isinstance(layer, Residual):
-                h = h + self._seq(layer.body, h, mem, lengths, probes)
-            elif isinstance(layer, MemoryLayer):
-                name = layer.instance
-                h, mem[name] = layer.forward_seq(h, mem[name], lengths, probes.get(name))
+                h = h + self._run(layer.body, h, mem, window)
+            elif isinstance(layer, Gated):
+                value = self._run(layer.body, h, mem, window)
+                h = value * torch.sigmoid(layer.proj(self._run(layer.gate, h, mem, window)))
+            elif isinstance(layer, Parallel):
+                branches: list[nn.ModuleList] = list(layer.branches)  # type: ignore[arg-type]
+                h = sum((self._run(branch, h, mem, window) for branch in branches), torch.zeros_like(h))
+            elif isinstance(layer, Level):
+                probe = window.probes.get(layer.instance) if window.probes is not None else None
+                h, mem[layer.instance] = layer.forward_window(
+                    h, mem[layer.instance], window.lengths, probe, window.reference
+                )
             else:
                 h = layer(h)
         return h
+
+
+def _merge_probes(windows: list[dict[str, Probe] | None]) -> dict[str, Probe]:
+    present = [w for w in windows if w is not None]
+    if not present:
+        return {}
+    return {name: {k: torch.cat([w[name][k] for w in present], 2) for k in present[0][name]} for name in present[0]}
 
 
 class _Documents:

@@ -15,49 +15,60 @@ from typing import Any
 
 from .errors import RuntimeInputError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 INSTANCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\])?$")
 
 EXPR_OPS = {"const", "input", "linear", "fn", "bin"}
-FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm"}
-LAYER_OPS = {"embed", "head", "linear", "rmsnorm", "l2norm", "memory", "residual"}
+FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
+LAYER_OPS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
+LAYER_OPS |= {"memory", "residual", "gate", "parallel"}
+LEVEL_KINDS = {"matrix", "mlp", "kv"}
+OPTIONS = {"depth", "expand", "residual", "norm", "activation", "window", "segment", "scale", "persistent"}
 
 
 @dataclass
 class RatePlan:
     expr: dict[str, Any]
-    shape: str  # "scalar" | "head"
+    shape: str  # "scalar" | "head" | "channel"
 
 
 @dataclass
-class MemoryLevelPlan:
-    """Everything the runtime needs to run one in-context matrix-memory level."""
+class LevelPlan:
+    """Everything the runtime needs to run one in-context level (a template; each use is an instance).
+
+    kind: "matrix" | "mlp" | "kv". `exprs` holds the projections by role (queries, keys, values), `rates`
+    the inner optimizer's rates (lr, retain, momentum). `options` holds the kind's own settings: for mlp
+    depth, expand, residual, norm, activation; for kv window, segment, scale and the number of persistent
+    tokens."""
 
     name: str
+    kind: str
     heads: int
     d_key: int
     d_value: int
-    objective: str  # "dot" | "l2"
-    optimizer: str  # "gd"
-    decay: str  # "after" | "before"
     chunk: int
     read: str  # "online" | "before" | "boundary"
     gradient: str  # "through" | "stop" | "truncate"
     truncate_k: int
-    queries: dict[str, Any]
-    keys: dict[str, Any]
-    values: dict[str, Any]
-    lr: RatePlan
-    retain: RatePlan
+    exprs: dict[str, dict[str, Any]]
+    rates: dict[str, RatePlan]
+    objective: str | None = None  # "dot" | "l2"
+    optimizer: str | None = None  # "gd" | "momentum_gd" | "dgd"
+    decay: str = "after"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class LayerPlan:
+    """One step of the model. `body` holds the inner layers of residual (x + body(x)) and gate
+    (body(x) ⊙ σ(W branches[0](x))); `branches` the summed alternatives of parallel."""
+
     op: str
     name: str  # instance name: `memory[0]`, `rmsnorm`, ...
     level: str | None = None  # for op == "memory": the level template
-    body: list[LayerPlan] = field(default_factory=list)  # for op == "residual"
+    body: list[LayerPlan] = field(default_factory=list)
+    branches: list[list[LayerPlan]] = field(default_factory=list)
     group: str | None = None  # the repeated binding this layer belongs to, for displays
 
 
@@ -81,7 +92,7 @@ class Plan:
     d: int
     vocab: int
     eod: int
-    levels: dict[str, MemoryLevelPlan]
+    levels: dict[str, LevelPlan]
     layers: list[LayerPlan]
     optimizers: list[OptimizerGroupPlan]
     window: int | None = None  # the scheduler's window; None = the whole call
@@ -144,6 +155,8 @@ def _validate_expr(expr: Any) -> dict[str, Any]:
         _validate_expr(expr["arg"])
     elif op == "fn":
         _choice(expr["fn"], FUNCTIONS)
+        if expr.get("size") is not None and (not isinstance(expr["size"], int) or not 1 <= expr["size"] <= 64):
+            raise ValueError(f"bad convolution size {expr['size']!r}")
         _validate_expr(expr["arg"])
     elif op == "bin":
         _choice(expr["kind"], {"+", "-", "*", "/"})
@@ -155,23 +168,31 @@ def _validate_expr(expr: Any) -> dict[str, Any]:
 def _validate_layer(raw: dict[str, Any]) -> LayerPlan:
     op = _choice(raw["op"], LAYER_OPS)
     body = [_validate_layer(b) for b in raw.get("body", [])]
+    branches = [[_validate_layer(b) for b in branch] for branch in raw.get("branches", [])]
     level = _name(raw["level"]) if raw.get("level") is not None else None
     group = _name(raw["group"]) if raw.get("group") is not None else None
-    return LayerPlan(op=op, name=_name(raw["name"], INSTANCE), level=level, body=body, group=group)
+    return LayerPlan(op=op, name=_name(raw["name"], INSTANCE), level=level, body=body, branches=branches, group=group)
 
 
-def _validate_level(raw: dict[str, Any]) -> MemoryLevelPlan:
-    level = MemoryLevelPlan(**{**raw, "lr": RatePlan(**raw["lr"]), "retain": RatePlan(**raw["retain"])})
-    _name(level.name)
-    _choice(level.objective, {"dot", "l2"})
-    _choice(level.optimizer, {"gd"})
+def _validate_level(raw: dict[str, Any]) -> LevelPlan:
+    rates = {_name(k): RatePlan(**v) for k, v in raw["rates"].items()}
+    level = LevelPlan(**{**raw, "rates": rates})
+    _name(level.name, INSTANCE)
+    _choice(level.kind, LEVEL_KINDS)
+    if level.objective is not None:
+        _choice(level.objective, {"dot", "l2"})
+    if level.optimizer is not None:
+        _choice(level.optimizer, {"gd", "momentum_gd", "dgd"})
     _choice(level.decay, {"after", "before"})
     _choice(level.read, {"online", "before", "boundary"})
     _choice(level.gradient, {"through", "stop", "truncate"})
-    for rate in (level.lr, level.retain):
-        _choice(rate.shape, {"scalar", "head"})
+    for key in level.options:
+        _choice(key, OPTIONS)
+    for rate in rates.values():
+        _choice(rate.shape, {"scalar", "head", "channel"})
         _validate_expr(rate.expr)
-    for expr in (level.queries, level.keys, level.values):
+    for role, expr in level.exprs.items():
+        _choice(role, {"queries", "keys", "values"})
         _validate_expr(expr)
     for size in (level.heads, level.d_key, level.d_value, level.chunk, level.truncate_k):
         if not isinstance(size, int) or size < 1:
@@ -182,7 +203,7 @@ def _validate_level(raw: dict[str, Any]) -> MemoryLevelPlan:
 def _validate(raw: dict[str, Any]) -> Plan:
     if raw.get("version") != PLAN_VERSION:
         raise ValueError(f"plan version {raw.get('version')!r}, this runtime reads {PLAN_VERSION}")
-    levels = {_name(k): _validate_level(v) for k, v in raw["levels"].items()}
+    levels = {_name(k, INSTANCE): _validate_level(v) for k, v in raw["levels"].items()}
     layers = [_validate_layer(x) for x in raw["layers"]]
     optimizers = [OptimizerGroupPlan(**o) for o in raw["optimizers"]]
     for o in optimizers:

@@ -125,11 +125,11 @@ def _rename_level(plan: dict[str, Any], new: str) -> None:
 
 
 def _set_key_fn(plan: dict[str, Any], fn: str) -> None:
-    plan["levels"]["memory"]["keys"]["fn"] = fn
+    plan["levels"]["memory"]["exprs"]["keys"]["fn"] = fn
 
 
 def _set_linear_id(plan: dict[str, Any], ident: str) -> None:
-    plan["levels"]["memory"]["values"]["id"] = ident
+    plan["levels"]["memory"]["exprs"]["values"]["id"] = ident
 
 
 def _set_layer_op(plan: dict[str, Any], op: str) -> None:

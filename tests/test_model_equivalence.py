@@ -109,8 +109,8 @@ def assert_grads_close(got: dict[str, Tensor], ref: dict[str, Tensor], tol: floa
 def assert_states_close(got: ModelState, ref: ModelState, tol: float) -> None:
     assert got.memories.keys() == ref.memories.keys()
     assert torch.equal(got.last_was_eod, ref.last_was_eod)
-    for name, a in got.memories.items():
-        b = ref.memories[name]
+    for name, level_a in got.memories.items():
+        a, b = level_a.op, ref.memories[name].op
         for field in ("S", "P", "log_decay"):
             assert_close(getattr(a, field), getattr(b, field), tol, f"{name}.{field}")
         assert torch.equal(a.phase, b.phase), f"{name}.phase {a.phase} != {b.phase}"
@@ -119,7 +119,8 @@ def assert_states_close(got: ModelState, ref: ModelState, tol: float) -> None:
 
 def memory_param_names(model: CompiledModel, role: str) -> list[str]:
     """Parameters of one role (`keys`, `queries`, ...) in every memory layer."""
-    return [n for n, _ in model.named_parameters() if f".{role}.proj." in n]
+    key = {"queries": "query", "keys": "key", "values": "value"}[role]
+    return [n for n, _ in model.named_parameters() if f".exprs.{key}.proj." in n]
 
 
 # ---- chunked == reference over the whole model
@@ -149,7 +150,7 @@ def test_chunked_equals_reference(spec: str, grad: str, chunk: int, length: int)
     keys = memory_param_names(model, "keys")
     assert len(keys) == 2
     for name in keys + memory_param_names(model, "queries"):
-        if grad == "stop" and ".keys." in name:
+        if grad == "stop" and ".exprs.key." in name:
             assert ref_grads[name].abs().max() == 0 and grads[name].abs().max() == 0, name
         else:
             assert ref_grads[name].abs().max() > 0, f"{name} has no gradient under {grad}"
@@ -250,8 +251,9 @@ def test_streaming_in_pieces_equals_one_call(spec: str, chunk: int, backend: str
     assert_grads_close(streamed_grads, whole_grads, TOL64)
     last_doc = torch.tensor([27, 17] if eod else [48, 48])  # each row's tokens since its last document start
     for memory in state.memories.values():
-        assert torch.equal(memory.phase, last_doc % chunk)
-        assert torch.equal(memory.chunks_done, last_doc // chunk)
+        assert torch.equal(memory.op.phase, last_doc % chunk)
+        assert torch.equal(memory.op.chunks_done, last_doc // chunk)
+        assert torch.equal(memory.position, last_doc)
     # A stateless call is the same whole sequence, and the reference agrees with the streamed result.
     assert_close(model(tokens), whole, TOL64, "stateless call")
     model.backend = "reference"

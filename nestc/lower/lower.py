@@ -10,21 +10,24 @@ import hashlib
 from collections import Counter
 from typing import Any
 
-from nestc_runtime.plan import LayerPlan, MemoryLevelPlan, OptimizerGroupPlan, Plan, RatePlan
+from nestc_runtime.plan import LayerPlan, LevelPlan, OptimizerGroupPlan, Plan, RatePlan
 
 from ..checks.rules import default_owner
 from ..diagnostics import CompileError, DiagnosticBag, Span
 from ..ir import models as ir
 
-RUNTIME_LAYERS = {"embed", "head", "linear", "rmsnorm", "l2norm"}
-RUNTIME_FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm"}
+RUNTIME_LAYERS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
+RUNTIME_FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
+RUNTIME_MEMORIES = {"matrix", "mlp", "kv", "persistent"}
+RUNTIME_OPTIMIZERS = {"gd", "momentum_gd", "dgd"}
 
 
 def lower(system: ir.System, source_text: str = "") -> Plan:
     bag = DiagnosticBag()
     _reject_unsupported(system, bag)
     bag.raise_if_errors()
-    levels = {lv.name: _level_plan(system, lv, bag) for lv in system.levels if lv.in_context}
+    running = (lv for lv in system.levels if lv.memory is not None and lv.memory.kind != "persistent")
+    levels = {lv.name: _level_plan(system, lv) for lv in running}
     layers = _instantiate(_layers(system.model))
     bag.raise_if_errors()
     d, vocab = system.d, int(system.number("vocab"))
@@ -34,7 +37,7 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
         d=d,
         vocab=vocab,
         eod=vocab - 1,
-        levels={k: v for k, v in levels.items() if v is not None},
+        levels=levels,
         layers=layers,
         optimizers=_optimizer_groups(system),
         window=None,
@@ -55,22 +58,31 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             _unsupported(bag, f"outer optimizer `{level.outer.kind}`", level.spans.get("optimizer", where))
         if level.selectors:
             _unsupported(bag, "a `params` selector", level.spans.get("params", where))
-        if level.memory is None:
+        memory = level.memory
+        if memory is None:
             continue
-        if level.memory.kind != "matrix":
-            _unsupported(bag, f"memory `{level.memory.kind}`", level.spans.get("memory", where))
-            continue
+        if memory.kind not in RUNTIME_MEMORIES:
+            _unsupported(bag, f"memory `{memory.kind}`", level.spans.get("memory", where))
+        if memory.kind == "mlp" and (memory.depth != 2 or not memory.residual or memory.norm == "rmsnorm"):
+            _unsupported(
+                bag,
+                "an MLP memory other than a residual 2-layer one (norm none or layernorm)",
+                level.spans.get("memory", where),
+            )
+        if memory.kind == "persistent" and level.update.unit != "step":
+            _unsupported(bag, "a persistent memory that does not learn every step", level.spans.get("update", where))
         if level.objective is not None and level.objective.kind not in ("dot", "l2"):
             _unsupported(bag, f"objective `{level.objective.kind}`", level.spans.get("objective", where))
-        if level.inner is not None and level.inner.kind != "gd":
+        if level.inner is not None and level.inner.kind not in RUNTIME_OPTIMIZERS:
             _unsupported(bag, f"inner optimizer `{level.inner.kind}`", level.spans.get("optimizer", where))
+        if level.inner is not None and level.inner.kind == "dgd" and level.inner.both:
+            _unsupported(bag, "`dgd(both)`", level.spans.get("optimizer", where))
+        if memory.kind == "mlp" and level.inner is not None and level.inner.decay == "before":
+            _unsupported(bag, "`decay before` on an MLP memory", level.spans.get("decay", where))
         if level.read.every is not None:
             _unsupported(bag, "a coarser read boundary", level.spans.get("read", where))
         if "targets" in level.roles or level.stopgrad_targets:
             _unsupported(bag, "generated targets", level.spans.get("targets", where))
-        for name, rate in level.rates().items():
-            if rate.shape == "channel":
-                _unsupported(bag, f"a per-channel `{name}`", level.spans.get("optimizer", where))
         for role, expr in level.inputs().items():
             problem = _unsupported_expr(expr)
             if problem:
@@ -94,42 +106,59 @@ def _unsupported_expr(expr: ir.Expr) -> str | None:
 def _reject_unsupported_nodes(node: ir.Node, bag: DiagnosticBag) -> None:
     if isinstance(node, ir.LayerNode) and node.kind not in RUNTIME_LAYERS:
         _unsupported(bag, f"the layer `{node.kind}`", node.span)
-    elif isinstance(node, (ir.ParallelNode, ir.GateNode, ir.PrefixNode)):
-        _unsupported(bag, f"the composition `{node.node}`", None)
-    elif isinstance(node, ir.SeqNode):
+    elif isinstance(node, ir.LevelNode) and node.read is not None:
+        _unsupported(bag, "a second read site of a level", node.span)
+    elif isinstance(node, ir.PrefixNode):
+        _unsupported(bag, "the composition `prefix` (Titans MAC)", None)
+    elif isinstance(node, (ir.SeqNode, ir.ParallelNode)):
         for item in node.items:
             _reject_unsupported_nodes(item, bag)
     elif isinstance(node, (ir.RepeatNode, ir.ResidualNode)):
         _reject_unsupported_nodes(node.body, bag)
+    elif isinstance(node, ir.GateNode):
+        _reject_unsupported_nodes(node.value, bag)
+        _reject_unsupported_nodes(node.gate, bag)
 
 
-def _expr(expr: ir.Expr, bag: DiagnosticBag, level: ir.Level) -> dict[str, Any]:
+def _expr(expr: ir.Expr) -> dict[str, Any]:
     return expr.model_dump(exclude={"span"}, exclude_none=True)
 
 
-def _level_plan(system: ir.System, level: ir.Level, bag: DiagnosticBag) -> MemoryLevelPlan | None:
-    assert level.inner is not None and level.objective is not None
-    heads = int(system.number("heads", 1)) if level.memory and level.memory.per_head else 1
+def _level_plan(system: ir.System, level: ir.Level) -> LevelPlan:
+    memory = level.memory
+    assert memory is not None
+    heads = int(system.number("heads", 1)) if memory.per_head else 1
     d_head = system.d // heads
-    roles = {role: _expr(level.roles[role], bag, level) for role in ("keys", "values")}
-    queries = _expr(level.roles["queries"], bag, level) if "queries" in level.roles else roles["keys"]
-    return MemoryLevelPlan(
+    options: dict[str, Any] = {}
+    if memory.kind == "mlp":
+        options = {
+            "depth": memory.depth,
+            "expand": memory.expand,
+            "residual": memory.residual,
+            "norm": memory.norm,
+            "activation": memory.activation,
+        }
+    elif memory.kind == "kv":
+        options = {k: v for k, v in (("window", memory.window), ("segment", memory.segment)) if v is not None}
+        if memory.persistent is not None:
+            options["persistent"] = system.level(memory.persistent).memory.tokens  # type: ignore[union-attr]
+    inner = level.inner
+    return LevelPlan(
         name=level.name,
+        kind=memory.kind,
         heads=heads,
         d_key=d_head,
         d_value=d_head,
-        objective=level.objective.kind,
-        optimizer=level.inner.kind,
-        decay=level.inner.decay,
         chunk=level.update.count,
         read=level.read.mode,
         gradient=level.gradient.mode,
         truncate_k=level.gradient.k,
-        queries=queries,
-        keys=roles["keys"],
-        values=roles["values"],
-        lr=RatePlan(expr=_expr(level.inner.lr.expr, bag, level), shape=level.inner.lr.shape),
-        retain=RatePlan(expr=_expr(level.inner.retain.expr, bag, level), shape=level.inner.retain.shape),
+        exprs={role: _expr(expr) for role, expr in level.roles.items()},
+        rates={name: RatePlan(expr=_expr(rate.expr), shape=rate.shape) for name, rate in level.rates().items()},
+        objective=level.objective.kind if level.objective else None,
+        optimizer=inner.kind if inner else None,
+        decay=inner.decay if inner else "after",
+        options=options,
     )
 
 
@@ -141,6 +170,12 @@ def _layers(node: ir.Node, group: str | None = None) -> list[LayerPlan]:
         return [layer for _ in range(node.count) for layer in _layers(node.body, node.name)]
     if isinstance(node, ir.ResidualNode):
         return [LayerPlan(op="residual", name="residual", body=_layers(node.body, group), group=group)]
+    if isinstance(node, ir.GateNode):
+        gate = _layers(node.gate, group)
+        return [LayerPlan(op="gate", name="gate", body=_layers(node.value, group), branches=[gate], group=group)]
+    if isinstance(node, ir.ParallelNode):
+        branches = [_layers(item, group) for item in node.items]
+        return [LayerPlan(op="parallel", name="parallel", branches=branches, group=group)]
     if isinstance(node, ir.LevelNode):
         return [LayerPlan(op="memory", name=node.level, level=node.level, group=group)]
     assert isinstance(node, ir.LayerNode)
@@ -163,6 +198,8 @@ def _walk(layers: list[LayerPlan]) -> list[LayerPlan]:
     for layer in layers:
         out.append(layer)
         out.extend(_walk(layer.body))
+        for branch in layer.branches:
+            out.extend(_walk(branch))
     return out
 
 

@@ -1,0 +1,43 @@
+"""A matrix memory level (M ∈ R^{d_v×d_k} per head, initial state 0): `gd`, `momentum_gd`, `dgd`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
+from ..plan import LevelPlan
+from .base import Level
+
+
+class MatrixLevel(Level):
+    def __init__(self, plan: LevelPlan, d: int, instance: str) -> None:
+        super().__init__(plan, d, instance)
+        self.config = MatrixMemoryConfig(
+            objective=plan.objective or "l2",
+            decay=plan.decay,
+            chunk=plan.chunk,
+            read=plan.read,
+            grad=plan.gradient,
+            truncate_k=plan.truncate_k,
+            optimizer=plan.optimizer or "gd",
+        )
+
+    def initial_op_state(self, batch: int, like: Tensor) -> MatrixMemoryState:
+        p = self.plan
+        return MatrixMemoryState.initial(like.new_zeros(p.heads, p.d_value, p.d_key), batch)
+
+    def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
+        op = scan if reference else chunked
+        return op(
+            x["queries"],
+            x["keys"],
+            x["values"],
+            x["lr"],
+            x["retain"],
+            op_state,
+            self.config,
+            lengths=lengths,
+            momentum=x.get("momentum"),
+        )

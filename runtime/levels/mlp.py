@@ -1,0 +1,51 @@
+"""An MLP memory level: M(x) = x + [LN](W1 σ(W2 x)) per head, with a meta-learned initial state
+(W1, W2 are parameters of the owning level: an all-zero MLP would have no gradient)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.mlp_memory import MLPMemoryConfig, MLPMemoryState, chunked, scan
+from ..plan import LevelPlan
+from .base import Level
+
+
+class MLPLevel(Level):
+    def __init__(self, plan: LevelPlan, d: int, instance: str) -> None:
+        super().__init__(plan, d, instance)
+        heads, dk = plan.heads, plan.d_key
+        hidden = int(plan.options.get("expand", 4) * dk)
+        # θ_{-1}: W2 maps the key (d_k) to the hidden layer, W1 maps back; small W1 keeps M ≈ identity at first.
+        self.init2 = nn.Parameter(torch.randn(heads, hidden, dk) / math.sqrt(dk))
+        self.init1 = nn.Parameter(torch.randn(heads, dk, hidden) * (0.1 / math.sqrt(hidden)))
+        self.config = MLPMemoryConfig(
+            objective=plan.objective or "l2",
+            chunk=plan.chunk,
+            read=plan.read,
+            grad=plan.gradient,
+            truncate_k=plan.truncate_k,
+            optimizer=plan.optimizer or "gd",
+            norm=plan.options.get("norm") == "layernorm",
+            activation=plan.options.get("activation", "silu"),
+        )
+
+    def initial_op_state(self, batch: int, like: Tensor) -> MLPMemoryState:
+        return MLPMemoryState.initial(self.init1, self.init2, batch)
+
+    def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
+        op = scan if reference else chunked
+        return op(
+            x["queries"],
+            x["keys"],
+            x["values"],
+            x["lr"],
+            x["retain"],
+            op_state,
+            self.config,
+            lengths=lengths,
+            momentum=x.get("momentum"),
+        )
