@@ -12,15 +12,18 @@ into one row per document (each with its own chunk phase), so the memory ops nev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import RuntimeInputError
 from .layers import LAYERS
-from .levels import LEVELS, Level, LevelState, Probe, where_rows
+from .levels import Level, LevelState, Probe, level_class, where_rows
+from .levels.task import TaskLevel, TaskRead, TaskState
 from .ops.sequence_layers import STATELESS_LAYERS
 from .plan import LayerPlan, Plan
 
@@ -30,13 +33,19 @@ States = dict[str, LevelState]
 
 @dataclass
 class ModelState:
-    """What a stream carries between calls: every level instance's state, per row."""
+    """What a stream carries between calls: every level instance's state, per row, and (for levels with
+    `objective task`) the last token's logits, whose label only the next call brings."""
 
     memories: States
     last_was_eod: Tensor  # (B,) bool: the previous call ended a document
+    pending: Tensor | None = None  # (B, V) logits of the previous call's last token
 
     def detach(self) -> ModelState:
-        return ModelState({k: v.detach() for k, v in self.memories.items()}, self.last_was_eod)
+        return ModelState({k: v.detach() for k, v in self.memories.items()}, self.last_was_eod, None)
+
+
+def replace_op(state: LevelState, op: Any) -> LevelState:
+    return LevelState(op, state.convs, state.position)
 
 
 class Residual(nn.Module):
@@ -94,7 +103,7 @@ class CompiledModel(nn.Module):
         if layer.op == "memory":
             assert layer.level is not None
             level_plan = self.plan.levels[layer.level]
-            module = LEVELS[level_plan.kind](level_plan, d, layer.name)
+            module = level_class(level_plan)(level_plan, d, layer.name)
             self.levels[layer.name] = module
             return module
         factory = LAYERS.get(layer.op) or STATELESS_LAYERS[layer.op]
@@ -150,17 +159,26 @@ class CompiledModel(nn.Module):
         probe: bool = False,
     ) -> Any:
         """Without a state: a whole sequence, returns logits (B, T, V). With a state: continues a stream and
-        returns (logits, state). `final=True` ends the stream (the per-token state is already flushed, so it
-        changes nothing for these levels). With `probe=True` a dict of per-level tensors comes last."""
+        returns (logits, state); `final=True` ends the stream (levels with `objective task` then apply
+        their partial last chunk). With `probe=True` a dict of per-level tensors comes last."""
         streaming = state is not None
-        if tokens.dim() != 2:
-            raise RuntimeInputError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise RuntimeInputError(f"tokens must be (batch, time) with time > 0, got {tuple(tokens.shape)}")
         batch = tokens.shape[0]
         current = state if state is not None else self.init_state(batch)
         starts = self._doc_starts(tokens, current, doc_start, streaming)
+        memories = self._settle(current, tokens[:, 0], starts[:, 0]) if self.task_levels else current.memories
         run = self._reference if self.backend == "reference" else self._chunked
-        logits, memories, probes = run(tokens, current.memories, starts, probe)
-        new_state = ModelState(memories, tokens[:, -1] == self.plan.eod)
+        logits, memories, probes = run(tokens, memories, starts, probe)
+        pending = None
+        if self.task_levels and streaming:
+            pending = logits[:, -1]
+            if final:
+                memories = self._flush(memories)
+                pending = None
+        new_state = ModelState(memories, tokens[:, -1] == self.plan.eod, pending)
+        if not torch.is_grad_enabled():
+            logits = logits.detach()
         result: tuple[Any, ...] = (logits, new_state) if streaming else (logits,)
         if probe:
             result = (*result, probes)
@@ -176,6 +194,16 @@ class CompiledModel(nn.Module):
             starts |= doc_start.bool()
         return starts
 
+    def _labels(self, tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Next-token labels of each row and where they exist: not after a row's (or document's) end, not
+        for an end-of-document token. A row's last token waits for the next call (it is pending)."""
+        labels = torch.zeros_like(tokens)
+        labels[:, :-1] = tokens[:, 1:]
+        steps = torch.arange(tokens.shape[1], device=tokens.device)
+        length = lengths if lengths is not None else torch.full_like(tokens[:, 0], tokens.shape[1])
+        labelled = (steps[None, :] + 1 < length[:, None]) & (tokens != self.plan.eod)
+        return labels, labelled
+
     # ---- the reference interpreter: one token at a time through the whole model
     def _reference(
         self, tokens: Tensor, memories: States, starts: Tensor, probe: bool
@@ -183,13 +211,21 @@ class CompiledModel(nn.Module):
         batch, length = tokens.shape
         fresh = self.init_state(batch).memories
         mem = dict(memories)
+        later_start = torch.zeros_like(starts)
+        later_start[:, :-1] = starts[:, 1:]
+        labels, labelled = self._labels(tokens, None)
+        labelled &= ~later_start  # the token before a document start is that document's... predecessor's last
         outputs, steps = [], []
         for t in range(length):
             reset = starts[:, t]
             if reset.any():
                 mem = {name: where_rows(reset, fresh[name], s) for name, s in mem.items()}
             window = _Window(True, None, {name: {} for name in self.levels} if probe else None)
-            outputs.append(self._run(self.layers, tokens[:, t : t + 1], mem, window))
+            outputs.append(
+                self._step_window(
+                    tokens[:, t : t + 1], mem, window, labels[:, t : t + 1], labelled[:, t : t + 1], t == length - 1
+                )
+            )
             steps.append(window.probes)
         return torch.cat(outputs, 1), mem, _merge_probes(steps)
 
@@ -215,17 +251,96 @@ class CompiledModel(nn.Module):
     def _windows(
         self, tokens: Tensor, mem: States, lengths: Tensor | None, probe: bool
     ) -> tuple[Tensor, States, dict[str, Probe]]:
-        """The scheduler: advance the whole model one window at a time (all layers per window)."""
+        """The scheduler: advance the whole model one window at a time (all layers per window). With
+        `objective task` levels the windows end at their chunk ends (depth-synchronous)."""
         length = tokens.shape[1]
-        size = self.plan.window or length
+        labels, labelled = self._labels(tokens, lengths)
         outputs, probes = [], []
-        for start in range(0, length, size):
-            stop = min(start + size, length)
+        for start, stop in self._window_bounds(length, mem):
             lens = None if lengths is None else (lengths - start).clamp(0, stop - start)
             window = _Window(False, lens, {name: {} for name in self.levels} if probe else None)
-            outputs.append(self._run(self.layers, tokens[:, start:stop], mem, window))
+            outputs.append(
+                self._step_window(
+                    tokens[:, start:stop], mem, window, labels[:, start:stop], labelled[:, start:stop], stop == length
+                )
+            )
             probes.append(window.probes)
         return torch.cat(outputs, 1), mem, _merge_probes(probes)
+
+    def _window_bounds(self, length: int, mem: States) -> list[tuple[int, int]]:
+        size = self.plan.window or length
+        if self.task_levels:
+            size = math.gcd(size, *(level.plan.chunk for level in self.task_levels))
+            offsets = mem[self.task_levels[0].instance].position % size
+            if bool((offsets != offsets[0]).any()):
+                size = 1  # rows at different chunk phases: only single tokens keep every chunk end aligned
+            else:
+                first = (size - int(offsets[0])) % size or size
+                bounds = [(0, min(first, length))]
+                bounds += [(s, min(s + size, length)) for s in range(first, length, size)]
+                return bounds
+        return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+    def _step_window(
+        self, tokens: Tensor, mem: States, window: _Window, labels: Tensor, labelled: Tensor, call_end: bool
+    ) -> Tensor:
+        """One window through every layer; then the task levels take this window's loss gradient and the
+        ones whose chunk ended update (before the next window reads them)."""
+        if not self.task_levels:
+            return self._run(self.layers, tokens, mem, window)
+        reads: list[TaskRead] = []
+        for level in self.task_levels:
+            level.pending = reads
+        try:
+            with torch.enable_grad():
+                logits = self._run(self.layers, tokens, mem, window)
+        finally:
+            for level in self.task_levels:
+                level.pending = None
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
+        ce = ce * labelled
+        for read in reads:
+            state = mem[read.level.instance]
+            mem[read.level.instance] = replace_op(state, read.level.accumulate(state.op, (read.lr * ce).sum()))
+        used = window.lengths if window.lengths is not None else torch.full_like(labels[:, 0], labels.shape[1])
+        last = (used - 1).clamp(min=0)
+        pending_end = torch.full_like(labelled[:, 0], call_end) & (used == labels.shape[1])
+        is_eod = tokens.gather(1, last[:, None])[:, 0] == self.plan.eod
+        labelled_end = ~pending_end | is_eod
+        for level in self.task_levels:
+            state = mem[level.instance]
+            mem[level.instance] = replace_op(state, level.advance(state.op, used, labelled_end))
+        return logits
+
+    # ---- task levels across calls
+    @property
+    def task_levels(self) -> list[TaskLevel]:
+        return [level for level in self.levels.values() if isinstance(level, TaskLevel)]
+
+    def _settle(self, state: ModelState, first: Tensor, starts: Tensor) -> States:
+        """Start of a streaming call: the previous call's last token now has its label; add its term to
+        the running chunk gradients and apply the updates that were waiting for it."""
+        mem = dict(state.memories)
+        if state.pending is not None:
+            with torch.enable_grad():
+                ce = F.cross_entropy(state.pending.float(), first, reduction="none") * (~starts)
+            for level in self.task_levels:
+                op: TaskState = mem[level.instance].op
+                mem[level.instance] = replace_op(mem[level.instance], level.accumulate(op, (op.last_lr * ce).sum()))
+        for level in self.task_levels:
+            op = mem[level.instance].op
+            op = level.update(op, op.due)
+            mem[level.instance] = replace_op(mem[level.instance], replace(op, leaves=[]))
+        return mem
+
+    def _flush(self, mem: States) -> States:
+        """End of a stream: every task level applies its partial last chunk (terms without labels left out)."""
+        out = dict(mem)
+        for level in self.task_levels:
+            op: TaskState = out[level.instance].op
+            op = level.update(op, (op.phase > 0) | op.due)
+            out[level.instance] = replace_op(out[level.instance], replace(op, leaves=[]))
+        return out
 
     def _run(self, layers: nn.ModuleList, h: Tensor, mem: States, window: _Window) -> Tensor:
         """Apply `layers` to a window h (B, T, ·), advancing the level states in `mem`."""

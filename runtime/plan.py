@@ -180,7 +180,7 @@ def _validate_level(raw: dict[str, Any]) -> LevelPlan:
     _name(level.name, INSTANCE)
     _choice(level.kind, LEVEL_KINDS)
     if level.objective is not None:
-        _choice(level.objective, {"dot", "l2"})
+        _choice(level.objective, {"dot", "l2", "task"})
     if level.optimizer is not None:
         _choice(level.optimizer, {"gd", "momentum_gd", "dgd"})
     _choice(level.decay, {"after", "before"})

@@ -71,8 +71,14 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             )
         if memory.kind == "persistent" and level.update.unit != "step":
             _unsupported(bag, "a persistent memory that does not learn every step", level.spans.get("update", where))
-        if level.objective is not None and level.objective.kind not in ("dot", "l2"):
+        if level.objective is not None and level.objective.kind not in ("dot", "l2", "task"):
             _unsupported(bag, f"objective `{level.objective.kind}`", level.spans.get("objective", where))
+        if level.objective is not None and level.objective.kind == "task":
+            if level.gradient.mode != "stop":
+                _unsupported(bag, "`objective task` with an outer gradient other than `stop` (second order)",
+                             level.spans.get("outer gradient", where))
+            if level.inner is not None and not ir.is_constant(level.inner.retain.expr):
+                _unsupported(bag, "a data-dependent retention on a task level", level.spans.get("optimizer", where))
         if level.inner is not None and level.inner.kind not in RUNTIME_OPTIMIZERS:
             _unsupported(bag, f"inner optimizer `{level.inner.kind}`", level.spans.get("optimizer", where))
         if level.inner is not None and level.inner.kind == "dgd" and level.inner.both:
