@@ -239,6 +239,31 @@ def _schedule_text(plan: Any) -> str:
 
 
 @cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Output file: .svg, .png, .dot, .mmd (Mermaid) or .html (a report).",
+)
+@click.option("--view", type=click.Choice(["hierarchy", "gradients", "both"]), default="both", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
+def viz(spec: str, out: str, view: str, sets: tuple[str, ...]) -> None:
+    """Draw SPEC: its level hierarchy on the frequency axis and its gradient flow."""
+    from . import viz as pictures
+
+    if pictures.format_of(out) is None:
+        raise UsageProblem(f"-o {out}: the picture format is chosen by the extension: .svg, .png, .dot, .mmd or .html")
+    if not Path(out).parent.is_dir():
+        raise UsageProblem(f"-o {out}: no such folder {str(Path(out).parent)!r}")
+    compilation, _ = _compile(spec, sets, "text")
+    fmt = pictures.write(compilation, out, view)
+    click.echo(f"{compilation.path}: wrote {out} ({fmt}, {view})")
+
+
+@cli.command()
 @click.argument("code")
 def explain(code: str) -> None:
     """Explain a diagnostic code, e.g. `nestc explain E020`."""
