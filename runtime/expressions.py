@@ -27,6 +27,16 @@ ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 ConvStates = dict[str, ConvState]
+# reader(level, mode, value (B, T, width)) -> that level's memory applied to value at the stated state
+Reader = Callable[[str, str, Tensor], Tensor]
+
+
+class Context:
+    """What an expression may look at besides x: other levels' memories and this level's own roles."""
+
+    def __init__(self, reader: Reader | None = None, roles: dict[str, Tensor] | None = None) -> None:
+        self.reader = reader
+        self.roles = roles if roles is not None else {}
 
 
 def _children(expr: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,7 +68,9 @@ class Expression(nn.Module):
         op = e["op"]
         if op == "const":
             return 1
-        if op == "input":
+        if op in ("input", "read", "role"):
+            if op == "read":
+                self._build(e["arg"], d_in, d_in, path + "_a")
             return d_in
         if op == "linear":
             self._build(e["arg"], d_in, d_in, path + "_a")
@@ -77,10 +89,11 @@ class Expression(nn.Module):
         return {key: CausalConv.initial_state(conv, batch, like) for key, conv in self.convs.items()}  # type: ignore[arg-type]
 
     def forward(
-        self, x: Tensor, positions: Tensor, convs: ConvStates, lengths: Tensor | None
+        self, x: Tensor, positions: Tensor, convs: ConvStates, lengths: Tensor | None, context: Context | None = None
     ) -> tuple[Tensor, ConvStates]:
         """x: (B, T, d); positions: (B, T) token positions from the document start (for rope)."""
         new_convs = dict(convs)
+        self._context = context or Context()
         out = self._eval(self.expr, "e", x, positions, new_convs, lengths)
         if out.shape[-1] == 1 and self.width > 1:
             out = out.expand(*x.shape[:-1], self.width)
@@ -94,6 +107,13 @@ class Expression(nn.Module):
             return x.new_full((*x.shape[:-1], 1), float(e["value"]))
         if op == "input":
             return x
+        if op == "role":
+            return self._context.roles[e["role"]]
+        if op == "read":
+            assert self._context.reader is not None, "a level read needs the level's group to run it"
+            return self._context.reader(
+                e["level"], e["mode"], self._eval(e["arg"], path + "_a", x, pos, convs, lengths)
+            )
         if op == "linear":
             return self.proj[e["id"]](self._eval(e["arg"], path + "_a", x, pos, convs, lengths))
         if op == "fn":

@@ -88,6 +88,7 @@ class CompiledModel(nn.Module):
         super().__init__()
         self.plan = plan
         self.levels: dict[str, Level] = {}
+        self.companions = nn.ModuleDict()  # levels that only generate other levels' inputs (M_k, M_v, ...)
         self.layers = nn.ModuleList([self._build(layer) for layer in plan.layers])
         self.backend = backend
 
@@ -105,6 +106,13 @@ class CompiledModel(nn.Module):
             level_plan = self.plan.levels[layer.level]
             module = level_class(level_plan)(level_plan, d, layer.name)
             self.levels[layer.name] = module
+            module.group = dict(layer.companions)
+            for template, instance in layer.companions.items():
+                if instance not in self.levels:
+                    companion_plan = self.plan.levels[template]
+                    companion = level_class(companion_plan)(companion_plan, d, instance)
+                    self.levels[instance] = companion
+                    self.companions[instance] = companion
             return module
         factory = LAYERS.get(layer.op) or STATELESS_LAYERS[layer.op]
         return factory(d, vocab)
@@ -268,10 +276,13 @@ class CompiledModel(nn.Module):
         return torch.cat(outputs, 1), mem, _merge_probes(probes)
 
     def _window_bounds(self, length: int, mem: States) -> list[tuple[int, int]]:
+        """Window ends fall on every chunk end that something waits for: task levels update there, and
+        boundary reads of a level must not change inside a window."""
         size = self.plan.window or length
-        if self.task_levels:
-            size = math.gcd(size, *(level.plan.chunk for level in self.task_levels))
-            offsets = mem[self.task_levels[0].instance].position % size
+        aligned = self.task_levels + [self.levels[i] for lv in self.levels.values() for i in lv.group.values()]
+        if aligned:
+            size = math.gcd(size, *(level.plan.chunk for level in aligned))
+            offsets = mem[aligned[0].instance].position % size
             if bool((offsets != offsets[0]).any()):
                 size = 1  # rows at different chunk phases: only single tokens keep every chunk end aligned
             else:
@@ -353,6 +364,8 @@ class CompiledModel(nn.Module):
             elif isinstance(layer, Parallel):
                 branches: list[nn.ModuleList] = list(layer.branches)  # type: ignore[arg-type]
                 h = sum((self._run(branch, h, mem, window) for branch in branches), torch.zeros_like(h))
+            elif isinstance(layer, Level) and layer.group:
+                h = self._run_group(layer, h, mem, window)
             elif isinstance(layer, Level):
                 probe = window.probes.get(layer.instance) if window.probes is not None else None
                 h, mem[layer.instance] = layer.forward_window(
@@ -361,6 +374,25 @@ class CompiledModel(nn.Module):
             else:
                 h = layer(h)
         return h
+
+    def _run_group(self, layer: Level, h: Tensor, mem: States, window: _Window) -> Tensor:
+        """A level with the levels that generate its inputs (self-modifying Titans): every member reads the
+        others (and itself) at their boundary states, all before any member updates; then each updates."""
+
+        def reader(template: str, mode: str, value: Tensor) -> Tensor:
+            instance = layer.group[template]
+            return self.levels[instance].read_at(mem[instance], value, mode)
+
+        members = [i for i in dict.fromkeys([*layer.group.values(), layer.instance]) if i != layer.instance]
+        members.append(layer.instance)  # the layer's own level last: its read is the output
+        prepared = {i: self.levels[i].inputs(h, mem[i], window.lengths, reader) for i in members}
+        out = h
+        for instance in members:
+            probe = window.probes.get(instance) if window.probes is not None else None
+            out, mem[instance] = self.levels[instance].forward_window(
+                h, mem[instance], window.lengths, probe, window.reference, prepared[instance]
+            )
+        return out
 
 
 def _merge_probes(windows: list[dict[str, Probe] | None]) -> dict[str, Probe]:

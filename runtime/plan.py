@@ -19,7 +19,7 @@ PLAN_VERSION = 2
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 INSTANCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\])?$")
 
-EXPR_OPS = {"const", "input", "linear", "fn", "bin"}
+EXPR_OPS = {"const", "input", "linear", "fn", "bin", "read", "role"}
 FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
 LAYER_OPS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
 LAYER_OPS |= {"memory", "residual", "gate", "parallel"}
@@ -57,6 +57,7 @@ class LevelPlan:
     optimizer: str | None = None  # "gd" | "momentum_gd" | "dgd"
     decay: str = "after"
     options: dict[str, Any] = field(default_factory=dict)
+    stopgrad_targets: bool = False
 
 
 @dataclass
@@ -70,6 +71,7 @@ class LayerPlan:
     body: list[LayerPlan] = field(default_factory=list)
     branches: list[list[LayerPlan]] = field(default_factory=list)
     group: str | None = None  # the repeated binding this layer belongs to, for displays
+    companions: dict[str, str] = field(default_factory=dict)  # levels it reads -> their instances
 
 
 @dataclass
@@ -158,6 +160,12 @@ def _validate_expr(expr: Any) -> dict[str, Any]:
         if expr.get("size") is not None and (not isinstance(expr["size"], int) or not 1 <= expr["size"] <= 64):
             raise ValueError(f"bad convolution size {expr['size']!r}")
         _validate_expr(expr["arg"])
+    elif op == "read":
+        _name(expr["level"], INSTANCE)
+        _choice(expr["mode"], {"boundary"})
+        _validate_expr(expr["arg"])
+    elif op == "role":
+        _choice(expr["role"], {"queries", "keys", "values"})
     elif op == "bin":
         _choice(expr["kind"], {"+", "-", "*", "/"})
         _validate_expr(expr["left"])
@@ -171,7 +179,16 @@ def _validate_layer(raw: dict[str, Any]) -> LayerPlan:
     branches = [[_validate_layer(b) for b in branch] for branch in raw.get("branches", [])]
     level = _name(raw["level"]) if raw.get("level") is not None else None
     group = _name(raw["group"]) if raw.get("group") is not None else None
-    return LayerPlan(op=op, name=_name(raw["name"], INSTANCE), level=level, body=body, branches=branches, group=group)
+    companions = {_name(k, INSTANCE): _name(v, INSTANCE) for k, v in raw.get("companions", {}).items()}
+    return LayerPlan(
+        op=op,
+        name=_name(raw["name"], INSTANCE),
+        level=level,
+        body=body,
+        branches=branches,
+        group=group,
+        companions=companions,
+    )
 
 
 def _validate_level(raw: dict[str, Any]) -> LevelPlan:
@@ -192,7 +209,7 @@ def _validate_level(raw: dict[str, Any]) -> LevelPlan:
         _choice(rate.shape, {"scalar", "head", "channel"})
         _validate_expr(rate.expr)
     for role, expr in level.exprs.items():
-        _choice(role, {"queries", "keys", "values"})
+        _choice(role, {"queries", "keys", "values", "targets"})
         _validate_expr(expr)
     for size in (level.heads, level.d_key, level.d_value, level.chunk, level.truncate_k):
         if not isinstance(size, int) or size < 1:

@@ -493,8 +493,8 @@ class Elaborator:
         args = self._arguments(call, cat.MEMORIES[call.fn.id])
         fields: dict[str, Any] = {"kind": call.fn.id, "per_head": per_head}
         for key in ("depth", "window", "segment", "tokens"):
-            if key in args:
-                fields[key] = self._int_arg(args[key], key, call)
+            if key in args and (number := self._int_arg(args[key], key, call)) is not None:
+                fields[key] = number  # after an error the field keeps its default (the error is reported)
         for key in ("expand", "norm", "activation", "persistent"):
             if key in args:
                 fields[key] = args[key]
@@ -952,13 +952,12 @@ class Elaborator:
         if names is None:
             self.bag.error("E010", f"`{e.name.id}` is not a level repeated over a list", e.name.span)
             return None
-        index = int(e.index.value)
-        if not float(e.index.value).is_integer() or index >= len(names):
+        if not float(e.index.value).is_integer() or e.index.value >= len(names):  # also 1e999 (inf)
             self.bag.error(
                 "E016", f"`{e.name.id}` has {len(names)} levels: index {e.index.text} is out of range", e.span
             )
             return None
-        return ir.LevelNode(level=names[index], span=e.span)
+        return ir.LevelNode(level=names[int(e.index.value)], span=e.span)
 
     def _named_node(self, e: ast.Name, stack: tuple[str, ...]) -> ir.Node | None:
         if e.id in self.bindings:

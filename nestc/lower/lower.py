@@ -28,7 +28,7 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
     bag.raise_if_errors()
     running = (lv for lv in system.levels if lv.memory is not None and lv.memory.kind != "persistent")
     levels = {lv.name: _level_plan(system, lv) for lv in running}
-    layers = _instantiate(_layers(system.model))
+    layers = _with_companions(system, _instantiate(_layers(system.model)))
     bag.raise_if_errors()
     d, vocab = system.d, int(system.number("vocab"))
     return Plan(
@@ -75,8 +75,11 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             _unsupported(bag, f"objective `{level.objective.kind}`", level.spans.get("objective", where))
         if level.objective is not None and level.objective.kind == "task":
             if level.gradient.mode != "stop":
-                _unsupported(bag, "`objective task` with an outer gradient other than `stop` (second order)",
-                             level.spans.get("outer gradient", where))
+                _unsupported(
+                    bag,
+                    "`objective task` with an outer gradient other than `stop` (second order)",
+                    level.spans.get("outer gradient", where),
+                )
             if level.inner is not None and not ir.is_constant(level.inner.retain.expr):
                 _unsupported(bag, "a data-dependent retention on a task level", level.spans.get("optimizer", where))
         if level.inner is not None and level.inner.kind not in RUNTIME_OPTIMIZERS:
@@ -87,26 +90,26 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             _unsupported(bag, "`decay before` on an MLP memory", level.spans.get("decay", where))
         if level.read.every is not None:
             _unsupported(bag, "a coarser read boundary", level.spans.get("read", where))
-        if "targets" in level.roles or level.stopgrad_targets:
-            _unsupported(bag, "generated targets", level.spans.get("targets", where))
         for role, expr in level.inputs().items():
-            problem = _unsupported_expr(expr)
+            problem = _unsupported_expr(expr, system)
             if problem:
                 _unsupported(bag, problem, level.spans.get(role, level.spans.get("optimizer", where)))
     _reject_unsupported_nodes(system.model, bag)
 
 
-def _unsupported_expr(expr: ir.Expr) -> str | None:
-    if isinstance(expr, ir.Read):
-        return f"reading level `{expr.level}` inside an expression"
+def _unsupported_expr(expr: ir.Expr, system: ir.System | None = None) -> str | None:
+    if isinstance(expr, ir.Read) and expr.mode != "boundary":
+        return f"a `{expr.mode}` read of `{expr.level}` inside an expression (only `boundary` reads run yet)"
+    if isinstance(expr, ir.Read) and system is not None:
+        memory = system.level(expr.level).memory
+        if memory is None or memory.kind not in ("matrix", "mlp"):
+            return f"reading the `{memory.kind if memory else 'outer'}` level `{expr.level}` inside an expression"
     if isinstance(expr, ir.Fn) and expr.fn not in RUNTIME_FUNCTIONS:
         return f"the function `{expr.fn}`"
-    if isinstance(expr, ir.RoleRef):
-        return f"`{expr.role}` inside an expression"
     if isinstance(expr, ir.Linear) and not isinstance(expr.arg, ir.Input):
         return "`linear` of anything but `x`"
     children = [getattr(expr, k) for k in ("arg", "left", "right") if hasattr(expr, k)]
-    return next((p for p in (_unsupported_expr(c) for c in children) if p), None)
+    return next((p for p in (_unsupported_expr(c, system) for c in children) if p), None)
 
 
 def _reject_unsupported_nodes(node: ir.Node, bag: DiagnosticBag) -> None:
@@ -165,6 +168,7 @@ def _level_plan(system: ir.System, level: ir.Level) -> LevelPlan:
         optimizer=inner.kind if inner else None,
         decay=inner.decay if inner else "after",
         options=options,
+        stopgrad_targets=level.stopgrad_targets,
     )
 
 
@@ -197,6 +201,35 @@ def _instantiate(layers: list[LayerPlan]) -> list[LayerPlan]:
             layer.name = f"{layer.level}[{seen[layer.level]}]"
             seen[layer.level] += 1
     return layers
+
+
+def _with_companions(system: ir.System, layers: list[LayerPlan]) -> list[LayerPlan]:
+    """Give each level use the instances of the levels it reads (directly or through them), named like
+    `nestc show` names them: `M_k[2]` beside `M_memory[2]`; its own level maps to itself."""
+    for layer in _walk(layers):
+        if layer.op != "memory" or layer.level is None:
+            continue
+        read = _reads_closure(system, layer.level)
+        if not read:
+            continue
+        suffix = layer.name[len(layer.level) :]  # "" or "[i]"
+        layer.companions = {name: (layer.name if name == layer.level else f"{name}{suffix}") for name in read}
+        layer.companions.setdefault(layer.level, layer.name)
+    return layers
+
+
+def _reads_closure(system: ir.System, start: str) -> list[str]:
+    """Every level read by `start`'s expressions, and by theirs, in a stable order."""
+    seen: list[str] = []
+    frontier = [start]
+    while frontier:
+        level = system.level(frontier.pop(0))
+        for expr in level.inputs().values():
+            for read in ir.expr_reads(expr):
+                if read.level not in seen:
+                    seen.append(read.level)
+                    frontier.append(read.level)
+    return seen
 
 
 def _walk(layers: list[LayerPlan]) -> list[LayerPlan]:

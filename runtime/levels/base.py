@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..expressions import ConvStates, Expression
+from ..errors import RuntimeInputError
+from ..expressions import Context, ConvStates, Expression, Reader
 from ..ops.sequence_layers import ConvState
 from ..plan import LevelPlan
 
@@ -60,7 +61,7 @@ def where_rows(mask: Tensor, a: LevelState, b: LevelState) -> LevelState:
     return LevelState.cat([a, b]).select(torch.where(mask, rows, rows + mask.shape[0]))
 
 
-ROLE_KEYS = {"queries": "query", "keys": "key", "values": "value"}
+ROLE_KEYS = {"queries": "query", "keys": "key", "values": "value", "targets": "target"}
 RATE_WIDTH = {"scalar": lambda heads, dk: 1, "head": lambda heads, dk: heads, "channel": lambda heads, dk: heads * dk}
 
 
@@ -71,8 +72,9 @@ class Level(nn.Module, ABC):
         super().__init__()
         self.plan = plan
         self.instance = instance  # e.g. `memory[0]`: the key of its state and probe
+        self.group: dict[str, str] = {}  # the levels it reads -> their instances (set by the model)
         heads, dk, dv = plan.heads, plan.d_key, plan.d_value
-        widths = {"queries": heads * dk, "keys": heads * dk, "values": heads * dv}
+        widths = {"queries": heads * dk, "keys": heads * dk, "values": heads * dv, "targets": heads * dv}
         # ModuleDict keys must not shadow its methods (`keys`, `values`): one word per role.
         self.exprs = nn.ModuleDict(
             {ROLE_KEYS[role]: Expression(expr, d, widths[role], heads, dk) for role, expr in plan.exprs.items()}
@@ -100,32 +102,49 @@ class Level(nn.Module, ABC):
         position = torch.zeros(batch, dtype=torch.int64, device=like.device)
         return LevelState(self.initial_op_state(batch, like), convs, position)
 
+    def read_at(self, state: LevelState, value: Tensor, mode: str) -> Tensor:
+        """This level's memory applied to value (B, T, heads × d_k) at its `boundary` state, for another
+        level's (or its own) generated inputs."""
+        raise RuntimeInputError(f"level `{self.plan.name}` ({self.plan.kind}) cannot be read inside an expression")
+
     def inputs(
-        self, h: Tensor, state: LevelState, lengths: Tensor | None
+        self, h: Tensor, state: LevelState, lengths: Tensor | None, reader: Reader | None = None
     ) -> tuple[dict[str, Tensor], dict[str, ConvStates]]:
-        """The level's queries, keys, values (B, H, T, ·) and rates (B, H, T) or (B, H, T, d_k) from h (B, T, d)."""
+        """The level's queries, keys, values (B, H, T, ·) and rates (B, H, T) or (B, H, T, d_k) from h (B, T, d).
+        Generated targets (v̂ = M(v)) replace the values the objective compares with."""
         heads, steps = self.plan.heads, h.shape[1]
         positions = state.position[:, None] + torch.arange(steps, device=h.device)
         x: dict[str, Tensor] = {}
         convs: dict[str, ConvStates] = {}
+        context = Context(reader)
         for role, key in ROLE_KEYS.items():
             if key in self.exprs:
-                value, convs[key] = self.exprs[key](h, positions, state.convs[key], lengths)
+                value, convs[key] = self.exprs[key](h, positions, state.convs[key], lengths, context)
+                context.roles[role] = value
                 x[role] = value.unflatten(-1, (heads, -1)).transpose(1, 2)
+        if "targets" in x:
+            x["values"] = x.pop("targets").detach() if self.plan.stopgrad_targets else x.pop("targets")
         if "queries" not in x:  # a level read with its own input as the query (an MLP memory as a layer)
             x["queries"] = h.unflatten(-1, (heads, -1)).transpose(1, 2)
         for name, expr in self.rates.items():
-            value, convs[name] = expr(h, positions, state.convs[name], lengths)
+            value, convs[name] = expr(h, positions, state.convs[name], lengths, context)
             shape = self.plan.rates[name].shape
             rate = value.unflatten(-1, (heads, -1)) if shape == "channel" else value.expand(*h.shape[:-1], heads)
             x[name] = rate.transpose(1, 2)
         return x, convs
 
     def forward_window(
-        self, h: Tensor, state: LevelState, lengths: Tensor | None, probe: Probe | None, reference: bool
+        self,
+        h: Tensor,
+        state: LevelState,
+        lengths: Tensor | None,
+        probe: Probe | None,
+        reference: bool,
+        prepared: tuple[dict[str, Tensor], dict[str, ConvStates]] | None = None,
     ) -> tuple[Tensor, LevelState]:
-        """A window of tokens (B, T, d) -> the level's read (B, T, heads × d_v) and the new state."""
-        x, convs = self.inputs(h, state, lengths)
+        """A window of tokens (B, T, d) -> the level's read (B, T, heads × d_v) and the new state.
+        `prepared` inputs come from a group whose reads were all taken before any member updated."""
+        x, convs = prepared if prepared is not None else self.inputs(h, state, lengths)
         out, op_state = self.run(x, state.op, lengths, reference)
         used = lengths if lengths is not None else torch.full_like(state.position, h.shape[1])
         if probe is not None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
 from ..plan import LevelPlan
-from .base import Level
+from .base import Level, LevelState
 
 
 class MatrixLevel(Level):
@@ -27,6 +28,12 @@ class MatrixLevel(Level):
     def initial_op_state(self, batch: int, like: Tensor) -> MatrixMemoryState:
         p = self.plan
         return MatrixMemoryState.initial(like.new_zeros(p.heads, p.d_value, p.d_key), batch)
+
+    def read_at(self, state: LevelState, value: Tensor, mode: str) -> Tensor:
+        op: MatrixMemoryState = state.op
+        boundary = torch.where((op.phase == 0).view(-1, 1, 1, 1), op.S, op.P)  # the next token's chunk start
+        q = value.unflatten(-1, (self.plan.heads, -1))  # (B, T, H, dk)
+        return torch.einsum("bhvk,bthk->bthv", boundary, q).flatten(-2)
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
         op = scan if reference else chunked

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mlp_memory import MLPMemoryConfig, MLPMemoryState, chunked, scan
+from ..ops.mlp_memory.state import apply_memory
 from ..plan import LevelPlan
-from .base import Level
+from .base import Level, LevelState
 
 
 class MLPLevel(Level):
@@ -35,6 +36,13 @@ class MLPLevel(Level):
 
     def initial_op_state(self, batch: int, like: Tensor) -> MLPMemoryState:
         return MLPMemoryState.initial(self.init1, self.init2, batch)
+
+    def read_at(self, state: LevelState, value: Tensor, mode: str) -> Tensor:
+        op: MLPMemoryState = state.op
+        start = (op.phase == 0).view(-1, 1, 1, 1)  # the next token starts a chunk: its boundary is θ now
+        W1, W2 = torch.where(start, op.W1, op.P1), torch.where(start, op.W2, op.P2)
+        x = value.unflatten(-1, (self.plan.heads, -1)).transpose(1, 2)  # (B, H, T, dk)
+        return apply_memory(W1, W2, x, self.config).transpose(1, 2).flatten(-2)
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
         op = scan if reference else chunked
