@@ -74,6 +74,28 @@ class Parallel(nn.Module):
         self.branches = nn.ModuleList([nn.ModuleList(b) for b in branches])
 
 
+class Prefix(nn.Module):
+    """`prefix(attention, memory-read)` (Titans MAC): attention over [persistent ‖ retrieved ‖ segment],
+    run as one stream that interleaves each token's retrieval before the token (h_t, x_t, h_{t+1}, ...), so
+    token t sees the retrievals of tokens ≤ t of its segment and nothing later."""
+
+    def __init__(self, attention: list[nn.Module], read: list[nn.Module]) -> None:
+        super().__init__()
+        self.attention = nn.ModuleList(attention)
+        self.read = nn.ModuleList(read)
+
+
+class ReadSite(nn.Module):
+    """One more read of a level, at the state it had at the start of the enclosing block of `every` tokens
+    (`memory(read = boundary, every = 64)`), with its own copy of the level's query convolutions."""
+
+    def __init__(self, instance: str, every: int) -> None:
+        super().__init__()
+        self.instance = instance
+        self.every = every
+        self.key = f"{instance}@read"
+
+
 @dataclass
 class _Window:
     """How one window runs: which op form, which rows are padding, where probes go."""
@@ -89,6 +111,7 @@ class CompiledModel(nn.Module):
         self.plan = plan
         self.levels: dict[str, Level] = {}
         self.companions = nn.ModuleDict()  # levels that only generate other levels' inputs (M_k, M_v, ...)
+        self.read_sites: dict[str, ReadSite] = {}
         self.layers = nn.ModuleList([self._build(layer) for layer in plan.layers])
         self.backend = backend
 
@@ -101,6 +124,12 @@ class CompiledModel(nn.Module):
             return Gated([self._build(b) for b in layer.body], [self._build(b) for b in layer.branches[0]], d)
         if layer.op == "parallel":
             return Parallel([[self._build(b) for b in branch] for branch in layer.branches])
+        if layer.op == "prefix":
+            return Prefix([self._build(b) for b in layer.body], [self._build(b) for b in layer.branches[0]])
+        if layer.op == "read":
+            site = ReadSite(layer.name, int(layer.options["every"]))
+            self.read_sites[site.key] = site
+            return site
         if layer.op == "memory":
             assert layer.level is not None
             level_plan = self.plan.levels[layer.level]
@@ -154,6 +183,8 @@ class CompiledModel(nn.Module):
     def init_state(self, batch: int) -> ModelState:
         like = next(self.parameters())
         memories = {name: level.init_state(batch, like) for name, level in self.levels.items()}
+        for key, site in self.read_sites.items():
+            memories[key] = self.levels[site.instance].init_state(batch, like)
         return ModelState(memories, torch.zeros(batch, dtype=torch.bool, device=like.device))
 
     # ---- the call
@@ -280,9 +311,11 @@ class CompiledModel(nn.Module):
         boundary reads of a level must not change inside a window."""
         size = self.plan.window or length
         aligned = self.task_levels + [self.levels[i] for lv in self.levels.values() for i in lv.group.values()]
-        if aligned:
-            size = math.gcd(size, *(level.plan.chunk for level in aligned))
-            offsets = mem[aligned[0].instance].position % size
+        blocks = [level.plan.chunk for level in aligned] + [site.every for site in self.read_sites.values()]
+        if blocks:
+            size = math.gcd(size, *blocks)
+            anchor = aligned[0].instance if aligned else next(iter(self.read_sites))
+            offsets = mem[anchor].position % size
             if bool((offsets != offsets[0]).any()):
                 size = 1  # rows at different chunk phases: only single tokens keep every chunk end aligned
             else:
@@ -364,6 +397,10 @@ class CompiledModel(nn.Module):
             elif isinstance(layer, Parallel):
                 branches: list[nn.ModuleList] = list(layer.branches)  # type: ignore[arg-type]
                 h = sum((self._run(branch, h, mem, window) for branch in branches), torch.zeros_like(h))
+            elif isinstance(layer, Prefix):
+                h = self._run_prefix(layer, h, mem, window)
+            elif isinstance(layer, ReadSite):
+                h = self._read_site(layer, h, mem, window)
             elif isinstance(layer, Level) and layer.group:
                 h = self._run_group(layer, h, mem, window)
             elif isinstance(layer, Level):
@@ -374,6 +411,36 @@ class CompiledModel(nn.Module):
             else:
                 h = layer(h)
         return h
+
+    def _run_prefix(self, layer: Prefix, h: Tensor, mem: States, window: _Window) -> Tensor:
+        retrieved = self._run(layer.read, h, mem, window)
+        stream = torch.stack([retrieved, h], 2).flatten(1, 2)  # (B, 2T, d): h_t before x_t
+        doubled = _Window(window.reference, None if window.lengths is None else 2 * window.lengths, None)
+        out = stream
+        for level in layer.attention:
+            assert isinstance(level, Level), "prefix runs an attention level"
+            probe: Probe | None = {} if window.probes is not None else None
+            out, mem[level.instance] = level.forward_window(
+                out, mem[level.instance], doubled.lengths, probe, window.reference
+            )
+            if window.probes is not None and probe is not None:
+                window.probes[level.instance] = {k: v[:, :, 1::2] for k, v in probe.items()}
+        return out[:, 1::2]
+
+    def _read_site(self, site: ReadSite, h: Tensor, mem: States, window: _Window) -> Tensor:
+        level = self.levels[site.instance]
+        current, own = mem[site.instance], mem[site.key]
+        at_start = own.position % site.every == 0  # rows at the start of a block: take a fresh snapshot
+        snapshot = where_rows(at_start, LevelState(current.op, own.convs, own.position), own)
+        query = level.exprs["query"] if "query" in level.exprs else None  # noqa: SIM401 (ModuleDict has no get)
+        positions = own.position[:, None] + torch.arange(h.shape[1], device=h.device)
+        convs = dict(own.convs)
+        q = h
+        if query is not None:
+            q, convs["query"] = query(h, positions, own.convs["query"], window.lengths)  # type: ignore[operator]
+        used = window.lengths if window.lengths is not None else torch.full_like(own.position, h.shape[1])
+        mem[site.key] = LevelState(snapshot.op, convs, own.position + used)
+        return level.read_at(snapshot, q, "boundary")
 
     def _run_group(self, layer: Level, h: Tensor, mem: States, window: _Window) -> Tensor:
         """A level with the levels that generate its inputs (self-modifying Titans): every member reads the

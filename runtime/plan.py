@@ -22,9 +22,10 @@ INSTANCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\])?$")
 EXPR_OPS = {"const", "input", "linear", "fn", "bin", "read", "role"}
 FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
 LAYER_OPS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
-LAYER_OPS |= {"memory", "residual", "gate", "parallel"}
+LAYER_OPS |= {"memory", "residual", "gate", "parallel", "prefix", "read"}
 LEVEL_KINDS = {"matrix", "mlp", "kv"}
 OPTIONS = {"depth", "expand", "residual", "norm", "activation", "window", "segment", "scale", "persistent"}
+OPTIONS |= {"interleaved"}
 
 
 @dataclass
@@ -53,11 +54,15 @@ class LevelPlan:
     truncate_k: int
     exprs: dict[str, dict[str, Any]]
     rates: dict[str, RatePlan]
-    objective: str | None = None  # "dot" | "l2"
-    optimizer: str | None = None  # "gd" | "momentum_gd" | "dgd"
+    objective: str | None = None  # "dot" | "l2" | "lp" | "huber" | "task"
+    optimizer: str | None = None  # "gd" | "momentum_gd" | "dgd" | "newton_schulz" | "delta_momentum"
     decay: str = "after"
     options: dict[str, Any] = field(default_factory=dict)
     stopgrad_targets: bool = False
+    p: float | None = None  # objective lp's exponent (None: 2)
+    delta: float | None = None  # objective huber's threshold δ (None: 1)
+    steps: int | None = None  # newton_schulz's iterations (None: 5)
+    lam: float | None = None  # delta_momentum's λ (None: 1)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class LayerPlan:
     branches: list[list[LayerPlan]] = field(default_factory=list)
     group: str | None = None  # the repeated binding this layer belongs to, for displays
     companions: dict[str, str] = field(default_factory=dict)  # levels it reads -> their instances
+    options: dict[str, Any] = field(default_factory=dict)  # for op == "read": mode and `every`
 
 
 @dataclass
@@ -180,6 +186,11 @@ def _validate_layer(raw: dict[str, Any]) -> LayerPlan:
     level = _name(raw["level"]) if raw.get("level") is not None else None
     group = _name(raw["group"]) if raw.get("group") is not None else None
     companions = {_name(k, INSTANCE): _name(v, INSTANCE) for k, v in raw.get("companions", {}).items()}
+    options = dict(raw.get("options", {}))
+    if op == "read":
+        _choice(options.get("mode"), {"boundary"})
+        if not isinstance(options.get("every"), int) or options["every"] < 1:
+            raise ValueError(f"bad read boundary {options.get('every')!r}")
     return LayerPlan(
         op=op,
         name=_name(raw["name"], INSTANCE),
@@ -188,6 +199,7 @@ def _validate_layer(raw: dict[str, Any]) -> LayerPlan:
         branches=branches,
         group=group,
         companions=companions,
+        options=options,
     )
 
 
@@ -197,9 +209,9 @@ def _validate_level(raw: dict[str, Any]) -> LevelPlan:
     _name(level.name, INSTANCE)
     _choice(level.kind, LEVEL_KINDS)
     if level.objective is not None:
-        _choice(level.objective, {"dot", "l2", "task"})
+        _choice(level.objective, {"dot", "l2", "lp", "huber", "task"})
     if level.optimizer is not None:
-        _choice(level.optimizer, {"gd", "momentum_gd", "dgd"})
+        _choice(level.optimizer, {"gd", "momentum_gd", "dgd", "newton_schulz", "delta_momentum"})
     _choice(level.decay, {"after", "before"})
     _choice(level.read, {"online", "before", "boundary"})
     _choice(level.gradient, {"through", "stop", "truncate"})

@@ -19,7 +19,7 @@ from ..ir import models as ir
 RUNTIME_LAYERS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
 RUNTIME_FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
 RUNTIME_MEMORIES = {"matrix", "mlp", "kv", "persistent"}
-RUNTIME_OPTIMIZERS = {"gd", "momentum_gd", "dgd"}
+RUNTIME_OPTIMIZERS = {"gd", "momentum_gd", "dgd", "newton_schulz", "delta_momentum"}
 
 
 def lower(system: ir.System, source_text: str = "") -> Plan:
@@ -28,6 +28,14 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
     bag.raise_if_errors()
     running = (lv for lv in system.levels if lv.memory is not None and lv.memory.kind != "persistent")
     levels = {lv.name: _level_plan(system, lv) for lv in running}
+    for name in _prefixed_attention(system.model):
+        # Inside `prefix`, attention runs over the stream [h_t, x_t, h_{t+1}, x_{t+1}, ...]: twice as long.
+        options = levels[name].options
+        options["interleaved"] = True
+        if "segment" in options:
+            options["segment"] *= 2
+        if "window" in options:
+            options["window"] *= 2
     layers = _with_companions(system, _instantiate(_layers(system.model)))
     bag.raise_if_errors()
     d, vocab = system.d, int(system.number("vocab"))
@@ -71,7 +79,7 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             )
         if memory.kind == "persistent" and level.update.unit != "step":
             _unsupported(bag, "a persistent memory that does not learn every step", level.spans.get("update", where))
-        if level.objective is not None and level.objective.kind not in ("dot", "l2", "task"):
+        if level.objective is not None and level.objective.kind not in ("dot", "l2", "lp", "huber", "task"):
             _unsupported(bag, f"objective `{level.objective.kind}`", level.spans.get("objective", where))
         if level.objective is not None and level.objective.kind == "task":
             if level.gradient.mode != "stop":
@@ -86,6 +94,12 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             _unsupported(bag, f"inner optimizer `{level.inner.kind}`", level.spans.get("optimizer", where))
         if level.inner is not None and level.inner.kind == "dgd" and level.inner.both:
             _unsupported(bag, "`dgd(both)`", level.spans.get("optimizer", where))
+        if level.inner is not None and level.inner.kind == "delta_momentum" and level.inner.decay == "before":
+            _unsupported(
+                bag,
+                "`decay before` with `delta_momentum` (its retention acts on the momentum)",
+                level.spans.get("decay", where),
+            )
         if memory.kind == "mlp" and level.inner is not None and level.inner.decay == "before":
             _unsupported(bag, "`decay before` on an MLP memory", level.spans.get("decay", where))
         if level.read.every is not None:
@@ -115,10 +129,12 @@ def _unsupported_expr(expr: ir.Expr, system: ir.System | None = None) -> str | N
 def _reject_unsupported_nodes(node: ir.Node, bag: DiagnosticBag) -> None:
     if isinstance(node, ir.LayerNode) and node.kind not in RUNTIME_LAYERS:
         _unsupported(bag, f"the layer `{node.kind}`", node.span)
-    elif isinstance(node, ir.LevelNode) and node.read is not None:
-        _unsupported(bag, "a second read site of a level", node.span)
+    elif isinstance(node, ir.LevelNode) and node.read is not None and node.read.mode != "boundary":
+        _unsupported(bag, f"a second read site at the `{node.read.mode}` state", node.span)
     elif isinstance(node, ir.PrefixNode):
-        _unsupported(bag, "the composition `prefix` (Titans MAC)", None)
+        attention, memory = _single_level(node.attention), _single_level(node.memory)
+        if attention is None or memory is None or memory.read is None:
+            _unsupported(bag, "`prefix` of anything but an attention level and a boundary read of a level", None)
     elif isinstance(node, (ir.SeqNode, ir.ParallelNode)):
         for item in node.items:
             _reject_unsupported_nodes(item, bag)
@@ -169,6 +185,10 @@ def _level_plan(system: ir.System, level: ir.Level) -> LevelPlan:
         decay=inner.decay if inner else "after",
         options=options,
         stopgrad_targets=level.stopgrad_targets,
+        p=level.objective.p if level.objective else None,
+        delta=level.objective.delta if level.objective else None,
+        steps=inner.steps if inner else None,
+        lam=inner.lam if inner else None,
     )
 
 
@@ -186,8 +206,14 @@ def _layers(node: ir.Node, group: str | None = None) -> list[LayerPlan]:
     if isinstance(node, ir.ParallelNode):
         branches = [_layers(item, group) for item in node.items]
         return [LayerPlan(op="parallel", name="parallel", branches=branches, group=group)]
+    if isinstance(node, ir.LevelNode) and node.read is not None:
+        options = {"mode": node.read.mode, "every": node.read.every or 1}
+        return [LayerPlan(op="read", name=node.level, level=node.level, group=group, options=options)]
     if isinstance(node, ir.LevelNode):
         return [LayerPlan(op="memory", name=node.level, level=node.level, group=group)]
+    if isinstance(node, ir.PrefixNode):
+        body, branch = _layers(node.attention, group), _layers(node.memory, group)
+        return [LayerPlan(op="prefix", name="prefix", body=body, branches=[branch], group=group)]
     assert isinstance(node, ir.LayerNode)
     return [LayerPlan(op=node.kind, name=node.kind, group=group)]
 
@@ -197,10 +223,34 @@ def _instantiate(layers: list[LayerPlan]) -> list[LayerPlan]:
     uses = Counter(layer.level for layer in _walk(layers) if layer.op == "memory")
     seen: Counter[str] = Counter()
     for layer in _walk(layers):
-        if layer.op == "memory" and layer.level is not None and uses[layer.level] > 1:
+        if layer.level is None or uses[layer.level] <= 1:
+            continue
+        if layer.op == "read":  # another read site of the instance its block uses next
+            layer.name = f"{layer.level}[{seen[layer.level]}]"
+        elif layer.op == "memory":
             layer.name = f"{layer.level}[{seen[layer.level]}]"
             seen[layer.level] += 1
     return layers
+
+
+def _prefixed_attention(node: ir.Node) -> list[str]:
+    if isinstance(node, ir.PrefixNode):
+        level = _single_level(node.attention)
+        return [level.level] if level is not None else []
+    children: list[ir.Node] = []
+    if isinstance(node, (ir.SeqNode, ir.ParallelNode)):
+        children = list(node.items)
+    elif isinstance(node, (ir.RepeatNode, ir.ResidualNode)):
+        children = [node.body]
+    elif isinstance(node, ir.GateNode):
+        children = [node.value, node.gate]
+    return [name for child in children for name in _prefixed_attention(child)]
+
+
+def _single_level(node: ir.Node) -> ir.LevelNode | None:
+    if isinstance(node, ir.SeqNode) and len(node.items) == 1:
+        return _single_level(node.items[0])
+    return node if isinstance(node, ir.LevelNode) else None
 
 
 def _with_companions(system: ir.System, layers: list[LayerPlan]) -> list[LayerPlan]:
