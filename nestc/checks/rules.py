@@ -15,7 +15,7 @@ import networkx as nx
 
 from ..diagnostics import DiagnosticBag, Label, Span
 from ..ir import models as ir
-from ..ir.catalogue import NO_PARALLEL_FORM_HINTS
+from ..ir.catalogue import NEAREST_PARALLEL, PARALLEL_FORMS
 from ..ir.graph import evaluation_graph, site_label
 
 REQUIRED_PARAMS = ("d", "vocab")
@@ -292,14 +292,20 @@ def _warn_task_chunks(system: ir.System, bag: DiagnosticBag, seq_len: int | None
 
 
 def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
+    """W003 for every in-context level that this runtime runs as a scan (one token at a time)."""
     for level in system.levels:
-        if level.memory is None or level.objective is None or level.objective.kind == "task":
+        if level.memory is None or level.inner is None or level.objective is None or level.objective.kind == "task":
             continue
-        hint = NO_PARALLEL_FORM_HINTS.get((level.memory.kind, level.update.count))
-        if hint is not None:
-            bag.warning(
-                "W003",
-                f"`{level.name}` has no parallel form: it runs as a compiled scan, token by token",
-                level.spans.get("update", level.span),
-                hint,
-            )
+        key = (level.memory.kind, level.inner.kind)
+        chunks = PARALLEL_FORMS.get(key, set())
+        channel = level.inner.retain.shape == "channel"
+        if not channel and (chunks is None or level.update.count in chunks):
+            continue
+        why = "a per-channel retention" if channel else f"`{level.inner.kind}` on a {level.memory.kind} memory"
+        hint = "a per-head retention runs in parallel" if channel else NEAREST_PARALLEL.get(key, "use `gd`")
+        bag.warning(
+            "W003",
+            f"`{level.name}` has no parallel form here ({why}): it runs as a scan, token by token",
+            level.spans.get("optimizer", level.span),
+            hint,
+        )

@@ -78,7 +78,17 @@ EXPR_FUNCTIONS_WITH_SIZE = {"conv"}  # conv(k, expr): causal depthwise convoluti
 READ_MODES = ("online", "before", "boundary")
 DECAYS = ("after", "before")
 
-# Which memory / optimizer combinations have a parallel (chunked) form, DESIGN §3.
-NO_PARALLEL_FORM_HINTS = {
-    ("mlp", 1): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
+# The combinations this runtime runs in parallel (DESIGN §3); anything else runs as a scan, token by token.
+# (memory, optimizer) -> the chunk sizes with a parallel form (None: every chunk size).
+PARALLEL_FORMS: dict[tuple[str, str], set[int] | None] = {
+    ("matrix", "gd"): None,
+    ("mlp", "gd"): {c for c in range(2, 1 << 16)},
+    ("mlp", "momentum_gd"): {c for c in range(2, 1 << 16)},
+}
+NEAREST_PARALLEL = {
+    ("mlp", "gd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
+    ("mlp", "momentum_gd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
+    ("matrix", "momentum_gd"): "`gd` with a per-head retention runs in parallel (WY/UT)",
+    ("matrix", "dgd"): "`gd` runs in parallel; DGD's WY form is not built yet",
+    ("mlp", "dgd"): "`gd` or `momentum_gd` on an MLP memory runs in parallel per chunk",
 }

@@ -672,7 +672,8 @@ class Elaborator:
                     value.axis.span,
                     "rates are `per head` (the default), `per channel` or `per scalar`",
                 )
-            shape = value.axis.id
+            else:
+                shape = value.axis.id
             value = value.value
         expr = self._expr(value, level, what)
         if expr is None:
