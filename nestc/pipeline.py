@@ -72,7 +72,11 @@ class _FragmentLoader:
         self.stack: list[Path] = [root.resolve()]
 
     def __call__(self, written: str, span: Span) -> ast.System | None:
-        path = (self.stack[-1].parent / written).resolve()
+        try:
+            path = (self.stack[-1].parent / written).resolve()
+        except (OSError, ValueError):  # e.g. a NUL byte in the string: no file can have that name
+            self.bag.error("E030", f"cannot import {written!r}: not a valid file name", span)
+            return None
         if path in self.stack:
             self.bag.error("E030", f'"{written}" imports itself (a cycle of imports)', span)
             return None

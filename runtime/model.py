@@ -341,7 +341,8 @@ class CompiledModel(nn.Module):
         finally:
             for level in self.task_levels:
                 level.pending = None
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
+        scores = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        ce = F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
         ce = ce * labelled
         for read in reads:
             state = mem[read.level.instance]
@@ -367,7 +368,8 @@ class CompiledModel(nn.Module):
         mem = dict(state.memories)
         if state.pending is not None:
             with torch.enable_grad():
-                ce = F.cross_entropy(state.pending.float(), first, reduction="none") * (~starts)
+                pending = state.pending if state.pending.dtype == torch.float64 else state.pending.float()
+                ce = F.cross_entropy(pending, first, reduction="none") * (~starts)
             for level in self.task_levels:
                 op: TaskState = mem[level.instance].op
                 mem[level.instance] = replace_op(mem[level.instance], level.accumulate(op, (op.last_lr * ce).sum()))

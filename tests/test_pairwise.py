@@ -59,16 +59,19 @@ def pairwise_cases() -> list[tuple]:
     cases: list[tuple] = []
     all_cases = list(itertools.product(*FACTORS))
     while uncovered:
-        best = max(all_cases, key=lambda c: sum(((i, c[i]), (j, c[j])) in uncovered
-                                                for i, j in itertools.combinations(range(len(c)), 2)))
+        best = max(
+            all_cases,
+            key=lambda c: sum(((i, c[i]), (j, c[j])) in uncovered for i, j in itertools.combinations(range(len(c)), 2)),
+        )
         cases.append(best)
         uncovered -= {((i, best[i]), (j, best[j])) for i, j in itertools.combinations(range(len(best)), 2)}
     return cases
 
 
 def full_products() -> list[tuple]:
-    return [(m, "l2", o, r, g, c) for m in MEMORIES for o in OPTIMIZERS for r in READS for g in GRADIENTS
-            for c in CHUNKS]
+    return [
+        (m, "l2", o, r, g, c) for m in MEMORIES for o in OPTIMIZERS for r in READS for g in GRADIENTS for c in CHUNKS
+    ]
 
 
 CASES = sorted(set(pairwise_cases()) | set(full_products()), key=str)
@@ -77,9 +80,14 @@ PRIME = 13
 
 def compile_case(tmp_path: Path, case: tuple) -> torch.nn.Module:
     memory, objective, optimizer, read, gradient, chunk = case
-    text = TEMPLATE.format(memory=memory if memory == "matrix" else "mlp(depth = 2, expand = 2, residual)",
-                           objective=objective, optimizer=optimizer_text(optimizer), read=read,
-                           gradient=gradient, chunk=chunk)
+    text = TEMPLATE.format(
+        memory=memory if memory == "matrix" else "mlp(depth = 2, expand = 2, residual)",
+        objective=objective,
+        optimizer=optimizer_text(optimizer),
+        read=read,
+        gradient=gradient,
+        chunk=chunk,
+    )
     spec = tmp_path / "case.nest"
     spec.write_text(text)
     torch.manual_seed(0)

@@ -563,6 +563,13 @@ class Elaborator:
         target = self._objective_target(call, name)
         extra = ast.Call(call.fn, (), call.kwargs, call.span)
         args = self._arguments(extra, sig)
+        for needed in sorted(sig.numbers - args.keys()):
+            self.bag.error(
+                "E015",
+                f"`{kind}` needs `{needed} = ...`",
+                call.span,
+                f"e.g. `{kind}({name}(keys), values, {needed} = {'3' if needed == 'p' else '1'})`",
+            )
         if target is None:
             return None
         return ir.Objective(kind=kind, target=target, p=args.get("p"), delta=args.get("delta"))  # type: ignore[arg-type]

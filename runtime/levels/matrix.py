@@ -1,4 +1,5 @@
-"""A matrix memory level (M ∈ R^{d_v×d_k} per head, initial state 0): `gd`, `momentum_gd`, `dgd`."""
+"""A matrix memory level (M ∈ R^{d_v×d_k} per head, initial state 0): objectives `dot`, `l2`, `lp`, `huber`;
+optimizers `gd`, `momentum_gd`, `dgd`, `newton_schulz`, `delta_momentum`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class MatrixLevel(Level):
             grad=plan.gradient,
             truncate_k=plan.truncate_k,
             optimizer=plan.optimizer or "gd",
+            p=2.0 if plan.p is None else plan.p,
+            delta=1.0 if plan.delta is None else plan.delta,
+            steps=5 if plan.steps is None else plan.steps,
+            lam=1.0 if plan.lam is None else plan.lam,
         )
 
     def initial_op_state(self, batch: int, like: Tensor) -> MatrixMemoryState:

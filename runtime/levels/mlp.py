@@ -30,6 +30,10 @@ class MLPLevel(Level):
             grad=plan.gradient,
             truncate_k=plan.truncate_k,
             optimizer=plan.optimizer or "gd",
+            p=2.0 if plan.p is None else plan.p,
+            delta=1.0 if plan.delta is None else plan.delta,
+            steps=5 if plan.steps is None else plan.steps,
+            lam=1.0 if plan.lam is None else plan.lam,
             norm=plan.options.get("norm") == "layernorm",
             activation=plan.options.get("activation", "silu"),
         )

@@ -14,14 +14,17 @@ def newton_schulz(X: Tensor, steps: int) -> Tensor:
 
     X ← X / (‖X‖_F + 1e-7); transpose if rows > cols; ``steps`` times
     X ← aX + b(XXᵀ)X + c(XXᵀ)²X with (a, b, c) = (3.4445, -4.7750, 2.0315); transpose back.
-    The computation runs in X's dtype (no down-cast); differentiable.
+    The computation runs in X's dtype (no down-cast); differentiable, with a zero (not NaN) gradient
+    where X = 0 (the norm is taken through a guarded square root).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if X.dim() < 2:
         raise ValueError(f"newton_schulz needs matrices (..., rows, cols), got shape {tuple(X.shape)}")
     a, b, c = NS_COEFFICIENTS
-    norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
+    squares = X.pow(2).sum((-2, -1), keepdim=True)
+    positive = squares > 0
+    norm = torch.where(positive, torch.where(positive, squares, torch.ones_like(squares)).sqrt(), 0.0)
     Y = X / (norm + NS_EPS)
     tall = X.shape[-2] > X.shape[-1]
     if tall:

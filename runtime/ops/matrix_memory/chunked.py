@@ -20,10 +20,19 @@ Indexing convention in this file: tokens of a block are 0-based (i = 0..L-1) and
 token i has state index i+1, so state index 0 is the carried S_0.  All decay ratios Γ_a/Γ_b are
 evaluated as exp(log Γ_a - log Γ_b) under a mask a ≥ b, hence never overflow.
 
-Scope of the parallel form: optimizer "gd" with a scalar (per-head) retention.  Every other
-combination ("momentum_gd", "dgd", a per-channel retention (B,H,T,dk)) runs through
-``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a per-token loop over the
-reference step behind the same API (identical results and gradients, no parallelism over tokens).
+Objectives "lp" and "huber" (e = sign(r)|r|^{p-1} or clamp(r, -δ, δ), w_s = -η_s e(ρ_s S_{b(s)-1} k_s - v_s))
+are not linear in the state, so there is no triangular system: ``_nonlinear_updates`` walks the chunk
+starts of the block in order, forms each chunk's start state S_{b-1} from the w of the earlier chunks
+(the expansion above), and computes the w of all the chunk's tokens at once.  That is parallel inside
+a chunk and sequential over chunks (one step per token at C = 1); reads and the carry are unchanged.
+
+Scope of the parallel form: optimizer "gd" with a scalar (per-head) retention, any objective.  Every
+other combination ("momentum_gd", "dgd", "newton_schulz", "delta_momentum", a per-channel retention
+(B,H,T,dk)) runs through ``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a
+per-token loop over the reference step behind the same API (identical results and gradients, no
+parallelism over tokens).  ("newton_schulz" maps the momentum through a non-linear NS_steps every
+token, and "delta_momentum"'s factor (αI - λĝᵀĝ) multiplies the momentum, not the state, so the
+state is a sum of products of those factors: neither has an exact block form implemented here.)
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from .state import (
     MatrixMemoryConfig,
     MatrixMemoryState,
     init_rows,
+    objective_residual,
     safe_log_retain,
     truncation_mask,
 )
@@ -94,6 +104,8 @@ def _solve_updates(
     """The update directions W (B,H,L,dv), w_i = η_i v_i ("dot") or from the UT system ("l2")."""
     if cfg.objective == "dot":
         return lr[..., None] * v
+    if cfg.objective != "l2":
+        return _nonlinear_updates(blk, k, v, lr, carry, cfg)
     in_block = blk.lin_idx >= 0
     lin_idx = blk.lin_idx.clamp_min(0)
     batch, length = lin_idx.shape
@@ -114,6 +126,35 @@ def _solve_updates(
     eye = torch.eye(length, dtype=k.dtype, device=k.device)
     system = eye + lr[..., None] * A
     return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+
+def _nonlinear_updates(
+    blk: _Block, k: Tensor, v: Tensor, lr: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig
+) -> Tensor:
+    """W for "lp" / "huber": w_i = -η_i e(ρ_i S_{b(i)-1} k_i - v_i), chunk by chunk (module docstring).
+
+    Tokens continuing the carried chunk linearise at the carried P (ρ_i = 1, or its decay for
+    "before"); the others at S_j, j = lin_idx(i), which only involves tokens before j (already done).
+    """
+    batch, length = blk.lin_idx.shape
+
+    def update(base: Tensor) -> Tensor:
+        return -lr[..., None] * objective_residual(base - v, cfg.objective, cfg.p, cfg.delta)
+
+    in_block = blk.lin_idx >= 0
+    base_out = k @ carry.P.transpose(-1, -2)
+    if cfg.decay == "before":
+        base_out = (carry.log_decay[..., None] + blk.G[:, :, 1:]).exp()[..., None] * base_out
+    W = torch.where(in_block[:, None, :, None], torch.zeros_like(base_out), update(base_out))
+    for j in sorted(set(blk.lin_idx[in_block].tolist())):
+        idx = torch.full((batch,), j, dtype=torch.int64, device=k.device)
+        base = k @ _state_at(blk, carry.S, W, k, idx).transpose(-1, -2)
+        if cfg.decay == "before":
+            # ρ_i = α_b⋯α_i = Γ_{i+1}/Γ_j (i+1 > j for every token of the chunk, so ≤ 1).
+            base = (blk.G[:, :, 1:] - blk.G[:, :, j : j + 1]).clamp_max(0).exp()[..., None] * base
+        mine = (blk.lin_idx == j)[:, None, :, None]
+        W = torch.where(mine, update(base), W)
+    return W
 
 
 def _read(blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig) -> Tensor:

@@ -4,11 +4,18 @@ For token t in the chunk starting at b (b a multiple of C from the document star
 
     P_t = S_{b-1}                         (decay "after")
     P_t = (α_b ⋯ α_t) · S_{b-1}           (decay "before")
-    g_t = (P_t k_t - v_t) k_tᵀ            (objective "l2")
+    r_t = P_t k_t - v_t                   (the residual)
+    g_t = r_t k_tᵀ                        (objective "l2", ℓ = ½‖r‖²)
     g_t = -v_t k_tᵀ                       (objective "dot")
+    g_t = (sign(r_t) ⊙ |r_t|^{p-1}) k_tᵀ  (objective "lp", ℓ = (1/p) Σ_i |r_i|^p)
+    g_t = clamp(r_t, -δ, δ) k_tᵀ          (objective "huber", ℓ = Σ_i ½r_i² if |r_i| ≤ δ else δ(|r_i| - ½δ))
     S_t = α_t S_{t-1} - η_t g_t                        (optimizer "gd")
     m_t = β_t m_{t-1} - η_t g_t,  S_t = α_t S_{t-1} + m_t  (optimizer "momentum_gd", Titans Eq. 13-14)
     S_t = S_{t-1} (α_t I - η_t k_t k_tᵀ) - η_t g_t      (optimizer "dgd", Eq. 88)
+    m_t = β_t m_{t-1} + g_t,  S_t = α_t S_{t-1} - η_t NS_steps(m_t)   (optimizer "newton_schulz", Eq. 42/52;
+                                                          β = 0 when no momentum rate is given)
+    m_t = m_{t-1} (α_t I - λ ĝ_tᵀ ĝ_t) - η_t g_t,  S_t = S_{t-1} + m_t,  ĝ = g / (‖g‖_F + ε)
+                                                        (optimizer "delta_momentum", Eq. 48-49)
     o_t = S_τ q_t,   τ = t ("online"), t-1 ("before"), b-1 ("boundary")
 
 A retention α_t of shape (B,H,dk) is per channel and acts on the key axis: α_t S means S·diag(α_t)
@@ -27,7 +34,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .state import MatrixMemoryConfig, MatrixMemoryState, safe_log_retain, scale_keys, stop_gradient
+from ..newton_schulz import newton_schulz
+from .state import (
+    MatrixMemoryConfig,
+    MatrixMemoryState,
+    normalised,
+    objective_residual,
+    safe_log_retain,
+    scale_keys,
+    stop_gradient,
+)
 
 
 def _rows(mask: Tensor, x: Tensor) -> Tensor:
@@ -55,12 +71,12 @@ def _entering_state(state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Te
     return S, P, m
 
 
-def _inner_gradient(lin: Tensor, k_t: Tensor, v_t: Tensor, objective: str) -> Tensor:
-    """g = (P k - v) kᵀ for "l2", g = -v kᵀ for "dot"; shapes (B,H,dv,dk)."""
-    if objective == "l2":
-        residual = torch.einsum("bhvk,bhk->bhv", lin, k_t) - v_t
-    else:
+def _inner_gradient(lin: Tensor, k_t: Tensor, v_t: Tensor, cfg: MatrixMemoryConfig) -> Tensor:
+    """g = e kᵀ with e = -v ("dot") or e = objective_residual(P k - v); shapes (B,H,dv,dk)."""
+    if cfg.objective == "dot":
         residual = -v_t
+    else:
+        residual = objective_residual(torch.einsum("bhvk,bhk->bhv", lin, k_t) - v_t, cfg.objective, cfg.p, cfg.delta)
     return residual[..., :, None] * k_t[..., None, :]
 
 
@@ -78,7 +94,8 @@ def step(
     """Process one token for all rows.
 
     q_t, k_t: (B,H,dk); v_t: (B,H,dv); lr_t: (B,H); retain_t: (B,H) or (B,H,dk) per channel;
-    valid_t: (B,) bool or None; momentum_t: β, (B,H) or (B,H,dk), required by "momentum_gd".
+    valid_t: (B,) bool or None; momentum_t: β, (B,H) or (B,H,dk), required by "momentum_gd"
+    (optional for "newton_schulz": None means β = 0).
     Returns o_t (B,H,dv) and the state after the token.
     """
     batch = q_t.shape[0]
@@ -95,7 +112,7 @@ def step(
     log_decay = log_decay + safe_log_retain(retain_t)
 
     lin = P if cfg.decay == "after" else scale_keys(P, torch.exp(log_decay))
-    grad = _inner_gradient(lin, k_t, v_t, cfg.objective)
+    grad = _inner_gradient(lin, k_t, v_t, cfg)
     eta = lr_t[..., None, None]
     m_new = m
     if cfg.optimizer == "gd":
@@ -105,6 +122,13 @@ def step(
             raise ValueError('optimizer "momentum_gd" needs the momentum rate β (momentum_t)')
         m_new = scale_keys(m, momentum_t) - eta * grad
         S_new = scale_keys(S, retain_t) + m_new
+    elif cfg.optimizer == "newton_schulz":
+        m_new = grad if momentum_t is None else scale_keys(m, momentum_t) + grad
+        S_new = scale_keys(S, retain_t) - eta * newton_schulz(m_new, cfg.steps)
+    elif cfg.optimizer == "delta_momentum":
+        g_hat = normalised(grad, cfg.eps)
+        m_new = scale_keys(m, retain_t) - cfg.lam * (m @ g_hat.transpose(-1, -2)) @ g_hat - eta * grad
+        S_new = S + m_new
     else:  # dgd: S (α I - η k kᵀ) - η g
         S_k = torch.einsum("bhvk,bhk->bhv", S, k_t)
         S_new = scale_keys(S, retain_t) - eta * S_k[..., :, None] * k_t[..., None, :] - eta * grad

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-OBJECTIVES = ("dot", "l2")
+OBJECTIVES = ("dot", "l2", "lp", "huber")
 DECAYS = ("after", "before")
 READS = ("online", "before", "boundary")
 GRADS = ("through", "stop", "truncate")
-OPTIMIZERS = ("gd", "momentum_gd", "dgd")
+OPTIMIZERS = ("gd", "momentum_gd", "dgd", "newton_schulz", "delta_momentum")
+
+# ε of delta_momentum's normalised gradient ĝ = g / (‖g‖_F + ε) (DESIGN §5, Eq. 48-49).
+DELTA_MOMENTUM_EPS = 1e-8
 
 # Smallest retention used inside logarithms: log(1e-30) ≈ -69 keeps every cumulative sum finite
 # (no -inf - -inf) while making exp() of it indistinguishable from 0 at the precisions we use.
@@ -30,7 +33,12 @@ _MIN_RETAIN = 1e-30
 class MatrixMemoryConfig:
     """Static configuration of one matrix-memory level.
 
-    objective: "dot" (ℓ = -⟨S k, v⟩) or "l2" (ℓ = ½‖S k - v‖²).
+    objective: with the residual r = S k - v and ℓ's derivative e = ∂ℓ/∂(S k) (``objective_residual``):
+        "dot"    ℓ = -⟨S k, v⟩                         e = -v;
+        "l2"     ℓ = ½‖r‖²                             e = r;
+        "lp"     ℓ = (1/p) Σ_i |r_i|^p  (p ≥ 1)        e = sign(r) ⊙ |r|^{p-1};
+        "huber"  ℓ = Σ_i h_δ(r_i), h_δ(x) = ½x² for |x| ≤ δ, δ(|x| - ½δ) beyond,   e = clamp(r, -δ, δ);
+        the token gradient is g = e kᵀ (so "lp" with p = 2 and "huber" with δ → ∞ are "l2").
     decay: "after" (linearise at S_{b-1}) or "before" (linearise at α_b⋯α_t · S_{b-1}).
     chunk: chunk size C ≥ 1; gradients inside a chunk are taken at the chunk-start state.
     read: "online" (o_t = S_t q_t), "before" (S_{t-1} q_t) or "boundary" (S_{b-1} q_t).
@@ -38,9 +46,16 @@ class MatrixMemoryConfig:
     optimizer: inner optimizer (DESIGN §5), applied per token on the g_t of the chunk's linearisation point:
         "gd"           S ← α ⊙ S − η g;
         "momentum_gd"  m ← β ⊙ m − η g,  S ← α ⊙ S + m   (β: the ``momentum`` rate input);
-        "dgd"          S ← S (α I − η k kᵀ) − η g          (keys l2-normalised by the caller).
+        "dgd"          S ← S (α I − η k kᵀ) − η g          (keys l2-normalised by the caller);
+        "newton_schulz"   m ← β ⊙ m + g,  S ← α ⊙ S − η NS_steps(m)   (β = 0 when no momentum rate is given;
+                       NS per head on the dv×dk matrix, ``runtime/ops/newton_schulz.py``);
+        "delta_momentum"  m ← m (α I − λ ĝᵀĝ) − η g,  S ← S + m,  ĝ = g / (‖g‖_F + ε), ε = ``eps``
+                       (ĝᵀĝ is dk×dk; α acts on the momentum, not on S).
+    p: the exponent of "lp"; delta: the threshold δ of "huber"; steps: the Newton–Schulz iterations;
+    lam: delta_momentum's λ; eps: delta_momentum's ε (default 1e-8).
     A per-channel α (shape (..., dk)) acts on the key axis: S ← S·diag(α) (likewise β on m).
-    ``decay="before"`` with ``dgd`` is an error: the DGD factor already carries α.
+    ``decay="before"`` with ``dgd`` is an error: the DGD factor already carries α; likewise with
+    ``delta_momentum``, whose α acts on the momentum (the state itself is not decayed).
     """
 
     objective: str
@@ -50,12 +65,20 @@ class MatrixMemoryConfig:
     grad: str = "through"
     truncate_k: int = 1
     optimizer: str = "gd"
+    p: float = 2.0
+    delta: float = 1.0
+    steps: int = 5
+    lam: float = 1.0
+    eps: float = DELTA_MOMENTUM_EPS
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer == "dgd" and self.decay == "before":
             raise ValueError('decay "before" with optimizer "dgd" is an error: the DGD factor already carries α')
+        if self.optimizer == "delta_momentum" and self.decay == "before":
+            raise ValueError('decay "before" with optimizer "delta_momentum" is an error: its α acts on the momentum')
+        check_catalogue_numbers(self.p, self.delta, self.steps, self.lam, self.eps)
         _check_choice("decay", self.decay, DECAYS)
         _check_choice("read", self.read, READS)
         _check_choice("grad", self.grad, GRADS)
@@ -63,6 +86,46 @@ class MatrixMemoryConfig:
             raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
         if int(self.truncate_k) != self.truncate_k or self.truncate_k < 1:
             raise ValueError(f"truncate_k must be an int >= 1, got {self.truncate_k!r}")
+
+
+def check_catalogue_numbers(p: float, delta: float, steps: int, lam: float, eps: float) -> None:
+    """The objective and optimizer parameters: p ≥ 1, δ > 0, steps an int ≥ 0, λ finite, ε ≥ 0."""
+    if not isinstance(p, (int, float)) or not 1 <= p < float("inf"):
+        raise ValueError(f"p must be a number >= 1, got {p!r}")
+    if not isinstance(delta, (int, float)) or not delta > 0:
+        raise ValueError(f"delta must be a number > 0, got {delta!r}")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not isinstance(lam, (int, float)) or abs(lam) == float("inf") or lam != lam:
+        raise ValueError(f"lam must be a finite number, got {lam!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+def objective_residual(residual: Tensor, objective: str, p: float, delta: float) -> Tensor:
+    """e = ∂ℓ/∂M(k) from the residual r = M(k) - v, for "l2", "lp" and "huber".
+
+    "l2": r;  "lp": sign(r) ⊙ |r|^{p-1} (exactly r at p = 2);  "huber": clamp(r, -δ, δ).
+    """
+    if objective == "lp":
+        if p == 2:
+            return residual
+        return residual.sign() * residual.abs().pow(p - 1)
+    if objective == "huber":
+        return residual.clamp(-delta, delta)
+    return residual
+
+
+def safe_frobenius(x: Tensor) -> Tensor:
+    """‖x‖_F over the last two axes (kept), with a finite (zero) gradient where x = 0."""
+    squares = x.pow(2).sum((-2, -1), keepdim=True)
+    positive = squares > 0
+    return torch.where(positive, torch.where(positive, squares, torch.ones_like(squares)).sqrt(), 0.0)
+
+
+def normalised(g: Tensor, eps: float) -> Tensor:
+    """ĝ = g / (‖g‖_F + ε), per matrix."""
+    return g / (safe_frobenius(g) + eps)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -7,10 +7,15 @@ For token t in the chunk starting at b (b a multiple of C from the document star
     "gd":           θ_t = α_t θ_{t-1} - η_t g_t
     "momentum_gd":  m_t = β_t m_{t-1} - η_t g_t,   θ_t = α_t θ_{t-1} + m_t   (per parameter)
     "dgd":          W2_t = W2_{t-1} (α_t I - η_t k̂_t k̂_tᵀ) - η_t g2_t,   W1_t = α_t W1_{t-1} - η_t g1_t
+    "newton_schulz": m_t = β_t m_{t-1} + g_t,   W_t = α_t W_{t-1} - η_t NS_steps(m_t)   (per weight matrix;
+                    β = 0 without a momentum rate)
+    "delta_momentum": m_t = α_t m_{t-1} - λ m_{t-1} ĝ_tᵀ ĝ_t - η_t g_t,   W_t = W_{t-1} + m_t   (per weight
+                    matrix, ĝ = g / (‖g‖_F + ε); ĝ1ᵀĝ1 is h×h for W1, ĝ2ᵀĝ2 is d×d for W2)
     o_t = M_{θ_τ}(q_t),   τ = t ("online"), t-1 ("before"), b-1 ("boundary")
 
 A per-channel α (or β) of shape (B,H,d) multiplies W2 on the input side (W2·diag(α)) and W1 on the
-output side (diag(α)·W1).  Outer-gradient modes as for the matrix memory: "stop" makes every state
+output side (diag(α)·W1); delta_momentum's α acts on the momenta the same way (diag(α)·m1,
+m2·diag(α)).  Outer-gradient modes as for the matrix memory: "stop" makes every state
 θ_init + sg(θ - θ_init) (momentum detached), "truncate" detaches the whole state at chunk starts
 b > 0 with (b / C) mod k = 0.  Padding (valid = False) leaves the state untouched and outputs 0.
 """
@@ -20,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..matrix_memory.state import normalised
+from ..newton_schulz import newton_schulz
 from .state import MLPMemoryConfig, MLPMemoryState, apply_memory, stop_gradient, token_gradients
 
 
@@ -90,6 +97,16 @@ def step(
         N2 = scale_in(M2, momentum_t) - eta * g2
         W1_new = scale_out(W1, retain_t) + N1
         W2_new = scale_in(W2, retain_t) + N2
+    elif cfg.optimizer == "newton_schulz":
+        N1 = g1 if momentum_t is None else scale_out(M1, momentum_t) + g1
+        N2 = g2 if momentum_t is None else scale_in(M2, momentum_t) + g2
+        W1_new = scale_out(W1, retain_t) - eta * newton_schulz(N1, cfg.steps)
+        W2_new = scale_in(W2, retain_t) - eta * newton_schulz(N2, cfg.steps)
+    elif cfg.optimizer == "delta_momentum":
+        h1, h2 = normalised(g1, cfg.eps), normalised(g2, cfg.eps)
+        N1 = scale_out(M1, retain_t) - cfg.lam * (M1 @ h1.transpose(-1, -2)) @ h1 - eta * g1
+        N2 = scale_in(M2, retain_t) - cfg.lam * (M2 @ h2.transpose(-1, -2)) @ h2 - eta * g2
+        W1_new, W2_new = W1 + N1, W2 + N2
     else:  # dgd: the rank-one factor on the input-side map W2, with the normalised key
         k_hat = torch.nn.functional.normalize(k_t, dim=-1)
         W2_k = torch.einsum("bhnd,bhd->bhn", W2, k_hat)

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-OBJECTIVES = ("dot", "l2")
+from ..matrix_memory.state import DELTA_MOMENTUM_EPS, check_catalogue_numbers, objective_residual
+
+OBJECTIVES = ("dot", "l2", "lp", "huber")
 READS = ("online", "before", "boundary")
 GRADS = ("through", "stop", "truncate")
-OPTIMIZERS = ("gd", "momentum_gd", "dgd")
+OPTIMIZERS = ("gd", "momentum_gd", "dgd", "newton_schulz", "delta_momentum")
 ACTIVATIONS = ("silu",)
 
 _MIN_RATE = 1e-30
@@ -27,12 +29,22 @@ _MIN_RATE = 1e-30
 class MLPMemoryConfig:
     """Static configuration of one MLP-memory level.
 
-    objective: "l2" (ℓ = ½‖M(k) - v‖²) or "dot" (ℓ = -⟨M(k), v⟩).
+    objective: with r = M(k) - v and e = ∂ℓ/∂M(k):
+        "l2"     ℓ = ½‖r‖²                                   e = r;
+        "dot"    ℓ = -⟨M(k), v⟩                              e = -v;
+        "lp"     ℓ = (1/p) Σ_i |r_i|^p  (p ≥ 1)              e = sign(r) ⊙ |r|^{p-1};
+        "huber"  ℓ = Σ_i ½r_i² (|r_i| ≤ δ), δ(|r_i| - ½δ) beyond   e = clamp(r, -δ, δ);
+        the gradients are e back-propagated through the MLP (``token_gradients``).
     chunk: chunk size C ≥ 1; every g_t of a chunk is taken at the chunk-start state θ_{b-1}.
     read: "online" (θ_t), "before" (θ_{t-1}) or "boundary" (θ_{b-1}); o_t = M_θ(q_t).
     grad: outer-gradient mode "through", "stop" or "truncate" (every ``truncate_k`` chunks).
     optimizer: "gd" (θ ← α θ - η g), "momentum_gd" (m ← β m - η g, θ ← α θ + m, per parameter) or
-        "dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η g2 with k̂ = k / ‖k‖; W1 ← α W1 - η g1).
+        "dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η g2 with k̂ = k / ‖k‖; W1 ← α W1 - η g1),
+        "newton_schulz" (per weight matrix W ∈ {W1, W2} with its gradient g and momentum m:
+        m ← β m + g, W ← α W - η NS_steps(m); β = 0 without a momentum rate) or
+        "delta_momentum" (per weight matrix: m ← α m - λ m ĝᵀĝ - η g, W ← W + m, ĝ = g / (‖g‖_F + ε)).
+    p, delta: the "lp" exponent and the "huber" threshold; steps: Newton–Schulz iterations;
+    lam, eps: delta_momentum's λ and ε.
     norm: M(x) = x + LN(W1 σ(W2 x)) with a parameter-free LayerNorm over d (eps ``ln_eps``).
     A per-channel α (B,H,T,d) acts on the model channels: W2 ← W2·diag(α), W1 ← diag(α)·W1.
     """
@@ -46,8 +58,14 @@ class MLPMemoryConfig:
     norm: bool = False
     activation: str = "silu"
     ln_eps: float = 1e-5
+    p: float = 2.0
+    delta: float = 1.0
+    steps: int = 5
+    lam: float = 1.0
+    eps: float = DELTA_MOMENTUM_EPS
 
     def __post_init__(self) -> None:
+        check_catalogue_numbers(self.p, self.delta, self.steps, self.lam, self.eps)
         for name, choices in (
             ("objective", OBJECTIVES),
             ("read", READS),
@@ -217,8 +235,8 @@ def token_gradients(
     """Rank-one factors of the per-token gradients at θ = (P1, P2), for k, v (B,H,L,d).
 
     Returns (δ, s, u), (B,H,L,d), (B,H,L,h), (B,H,L,h) with g1 = δ sᵀ (∂ℓ/∂W1) and g2 = u kᵀ (∂ℓ/∂W2):
-    a = W2 k, s = σ(a), z = W1 s, e = ∂ℓ/∂M = M(k) - v ("l2") or -v ("dot"), δ = e (or LN's
-    backward of e), u = (W1ᵀ δ) ⊙ σ'(a).
+    a = W2 k, s = σ(a), z = W1 s, e = ∂ℓ/∂M: -v ("dot"), else ``objective_residual`` of r = M(k) - v
+    (r for "l2"), δ = e (or LN's backward of e), u = (W1ᵀ δ) ⊙ σ'(a).
     """
     a = k @ P2.transpose(-1, -2)
     s = activation(a)
@@ -228,7 +246,7 @@ def token_gradients(
         y = n
     else:
         y = z
-    e = k + y - v if cfg.objective == "l2" else -v
+    e = -v if cfg.objective == "dot" else objective_residual(k + y - v, cfg.objective, cfg.p, cfg.delta)
     delta = layer_norm_backward(e, n, r) if cfg.norm else e
     u = (delta @ P1) * activation_grad(a)
     return delta, s, u
