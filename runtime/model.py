@@ -336,17 +336,18 @@ class CompiledModel(nn.Module):
         for level in self.task_levels:
             level.pending = reads
         try:
-            with torch.enable_grad():
+            with torch.enable_grad():  # the task gradient is needed even when the caller runs without grad
                 logits = self._run(self.layers, tokens, mem, window)
+                scores = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+                ce = F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+                ce = ce * labelled
+                for read in reads:
+                    state = mem[read.level.instance]
+                    loss = (read.lr * ce).sum()
+                    mem[read.level.instance] = replace_op(state, read.level.accumulate(state.op, loss))
         finally:
             for level in self.task_levels:
                 level.pending = None
-        scores = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        ce = F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-        ce = ce * labelled
-        for read in reads:
-            state = mem[read.level.instance]
-            mem[read.level.instance] = replace_op(state, read.level.accumulate(state.op, (read.lr * ce).sum()))
         used = window.lengths if window.lengths is not None else torch.full_like(labels[:, 0], labels.shape[1])
         last = (used - 1).clamp(min=0)
         pending_end = torch.full_like(labelled[:, 0], call_end) & (used == labels.shape[1])
@@ -370,13 +371,14 @@ class CompiledModel(nn.Module):
             with torch.enable_grad():
                 pending = state.pending if state.pending.dtype == torch.float64 else state.pending.float()
                 ce = F.cross_entropy(pending, first, reduction="none") * (~starts)
-            for level in self.task_levels:
-                op: TaskState = mem[level.instance].op
-                mem[level.instance] = replace_op(mem[level.instance], level.accumulate(op, (op.last_lr * ce).sum()))
+                for level in self.task_levels:
+                    op: TaskState = mem[level.instance].op
+                    loss = (op.last_lr * ce).sum()
+                    mem[level.instance] = replace_op(mem[level.instance], level.accumulate(op, loss))
         for level in self.task_levels:
             op = mem[level.instance].op
-            op = level.update(op, op.due)
-            mem[level.instance] = replace_op(mem[level.instance], replace(op, leaves=[]))
+            # Reads of θ from the previous call stay: a chunk that continues still differentiates them.
+            mem[level.instance] = replace_op(mem[level.instance], level.update(op, op.due))
         return mem
 
     def _flush(self, mem: States) -> States:

@@ -17,7 +17,7 @@ from .errors import RuntimeInputError
 
 PLAN_VERSION = 2
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-INSTANCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\])?$")
+INSTANCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\[[0-9]{1,4}\]){0,2}$")  # memory, cms[1], cms[1][0]
 
 EXPR_OPS = {"const", "input", "linear", "fn", "bin", "read", "role"}
 FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
@@ -183,7 +183,7 @@ def _validate_layer(raw: dict[str, Any]) -> LayerPlan:
     op = _choice(raw["op"], LAYER_OPS)
     body = [_validate_layer(b) for b in raw.get("body", [])]
     branches = [[_validate_layer(b) for b in branch] for branch in raw.get("branches", [])]
-    level = _name(raw["level"]) if raw.get("level") is not None else None
+    level = _name(raw["level"], INSTANCE) if raw.get("level") is not None else None
     group = _name(raw["group"]) if raw.get("group") is not None else None
     companions = {_name(k, INSTANCE): _name(v, INSTANCE) for k, v in raw.get("companions", {}).items()}
     options = dict(raw.get("options", {}))
@@ -239,7 +239,7 @@ def _validate(raw: dict[str, Any]) -> Plan:
         _name(o.name)
         _choice(o.kind, {"adamw", "sgd"})
         for level_name in o.owns_levels:
-            _name(level_name)
+            _name(level_name, INSTANCE)
     return Plan(
         system=_name(raw["system"]),
         params=dict(raw["params"]),

@@ -20,7 +20,7 @@ from nestc.pipeline import front_end, to_plan
 from nestc_runtime import RuntimeInputError
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
-SPECS = ("linear_attention", "deltanet", "gated_deltanet")
+SPECS = tuple(sorted(p.stem for p in SPECS_DIR.glob("*.nest")))  # every shipped spec
 SIZES = {"d": 16, "heads": 2, "layers": 2}
 
 # Runs in a fresh interpreter where importing the compiler fails.

@@ -128,7 +128,10 @@ def _check_model_order(system: ir.System, bag: DiagnosticBag) -> None:
 def _check_nesting(system: ir.System, bag: DiagnosticBag) -> None:
     by_name = {lv.name: lv for lv in system.levels}
     owners = nx.DiGraph((lv.name, lv.owner) for lv in system.levels if lv.owner in by_name)
-    for cycle in nx.simple_cycles(owners):
+    declared = {lv.name: i for i, lv in enumerate(system.levels)}
+    for found in nx.simple_cycles(owners):
+        first = min(range(len(found)), key=lambda i: declared[found[i]])  # deterministic: start at the first
+        cycle = found[first:] + found[:first]  # level declared (networkx's start depends on set order)
         level = by_name[cycle[0]]
         bag.error(
             "E024",

@@ -20,9 +20,12 @@ class MLPLevel(Level):
         super().__init__(plan, d, instance)
         heads, dk = plan.heads, plan.d_key
         hidden = int(plan.options.get("expand", 4) * dk)
-        # θ_{-1}: W2 maps the key (d_k) to the hidden layer, W1 maps back; small W1 keeps M ≈ identity at first.
+        # θ_{-1}: W2 maps the key (d_k) to the hidden layer, W1 maps back. Without a norm a small W1 keeps
+        # M ≈ identity at first; under LN(W1 σ(W2 x)) a small W1 would make LN divide by a tiny spread and blow
+        # up every gradient through the memory, so W1 then starts at the usual 1/√fan-in scale.
+        w1_scale = 1.0 if plan.options.get("norm") == "layernorm" else 0.1
         self.init2 = nn.Parameter(torch.randn(heads, hidden, dk) / math.sqrt(dk))
-        self.init1 = nn.Parameter(torch.randn(heads, dk, hidden) * (0.1 / math.sqrt(hidden)))
+        self.init1 = nn.Parameter(torch.randn(heads, dk, hidden) * (w1_scale / math.sqrt(hidden)))
         self.config = MLPMemoryConfig(
             objective=plan.objective or "l2",
             chunk=plan.chunk,

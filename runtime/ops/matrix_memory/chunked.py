@@ -70,59 +70,104 @@ class _Block:
 
 
 def _gather_log_gamma(G: Tensor, idx: Tensor) -> Tensor:
-    """log Γ at per-row state indices: G (B,H,L+1), idx (B,n) -> (B,H,n)."""
-    batch, heads, _ = G.shape
+    """log Γ at per-row state indices: G (B,H,L+1[,dk]), idx (B,n) -> (B,H,n[,dk])."""
+    batch, heads = G.shape[:2]
+    if G.dim() == 4:
+        index = idx[:, None, :, None].expand(batch, heads, idx.shape[1], G.shape[3])
+        return G.gather(2, index)
     return G.gather(2, idx[:, None, :].expand(batch, heads, idx.shape[1]))
 
 
 def _decay_ratio(G: Tensor, hi: Tensor, lo: Tensor, mask: Tensor) -> Tensor:
-    """Γ_hi / Γ_lo where mask else 0: hi (B,n), lo (B,m) or (m,), mask (B,n,m) -> (B,H,n,m).
+    """Γ_hi / Γ_lo where mask else 0: hi (B,n), lo (B,m) or (m,), mask (B,n,m) -> (B,H,n,m[,dk]).
 
     Callers guarantee hi ≥ lo under the mask, so the ratio is ≤ 1 and exp never overflows; masked
-    entries go through exp(-inf) = 0, which has a zero (not NaN) gradient.
+    entries go through exp(-inf) = 0, which has a zero (not NaN) gradient.  A per-channel G
+    (B,H,L+1,dk) gives one ratio per key channel (trailing axis).
     """
     log_hi = _gather_log_gamma(G, hi)
     if lo.dim() == 1:
         log_lo = G[:, :, lo]
     else:
         log_lo = _gather_log_gamma(G, lo)
+    if G.dim() == 4:
+        diff = log_hi[..., :, None, :] - log_lo[..., None, :, :]
+        return torch.where(mask[:, None, :, :, None], diff, float("-inf")).exp()
     diff = log_hi[..., :, None] - log_lo[..., None, :]
     return torch.where(mask[:, None], diff, float("-inf")).exp()
 
 
+def _weighted_dots(ratio: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Σ_c ratio[n, m, c] a_n[c] b_m[c] (per channel) or ratio[n, m] (a_n·b_m): (B,H,n,m)."""
+    if ratio.dim() == 5:
+        return (ratio * (a[..., :, None, :] * b[..., None, :, :])).sum(-1)
+    return ratio * (a @ b.transpose(-1, -2))
+
+
+def _scaled(gamma: Tensor, x: Tensor) -> Tensor:
+    """γ_n ∘ x_n on the key channels: gamma (B,H,n) or (B,H,n,dk), x (B,H,n,dk)."""
+    return gamma * x if gamma.dim() == x.dim() else gamma[..., None] * x
+
+
 def _state_at(blk: _Block, S0: Tensor, W: Tensor, k: Tensor, idx: Tensor) -> Tensor:
-    """S_idx = Γ_idx S_0 + Σ_{i+1≤idx} (Γ_idx/Γ_{i+1}) w_i k_iᵀ for a per-row index idx (B,)."""
+    """S_idx = S_0 ∘ Γ_idx + Σ_{i+1≤idx} w_i (Γ_idx/Γ_{i+1} ∘ k_i)ᵀ for a per-row index idx (B,)."""
     hi = idx[:, None]
     coef = _decay_ratio(blk.G, hi, blk.src, blk.src[None, None, :] <= hi[:, :, None])[:, :, 0]
     gamma = _gather_log_gamma(blk.G, hi)[:, :, 0].exp()
-    return gamma[..., None, None] * S0 + (coef[..., None] * W).transpose(-1, -2) @ k
+    start = S0 * gamma[..., None, :] if gamma.dim() == 3 else gamma[..., None, None] * S0
+    return start + W.transpose(-1, -2) @ _scaled(coef, k)
+
+
+def _carried_base(blk: _Block, k: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig) -> Tensor:
+    """ρ_i P k_i for tokens continuing the carried chunk: ρ_i = 1 ("after") or α_b⋯α_i ("before")."""
+    if cfg.decay == "before":
+        log_decay = carry.log_decay
+        if blk.G.dim() == 4 and log_decay.dim() == 2:
+            log_decay = log_decay[..., None]
+        rho = (log_decay[..., None, :] if blk.G.dim() == 4 else log_decay[..., None]) + blk.G[:, :, 1:]
+        return _scaled(rho.exp(), k) @ carry.P.transpose(-1, -2)
+    return k @ carry.P.transpose(-1, -2)
 
 
 def _solve_updates(
     blk: _Block, k: Tensor, v: Tensor, lr: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig
 ) -> Tensor:
-    """The update directions W (B,H,L,dv), w_i = η_i v_i ("dot") or from the UT system ("l2")."""
-    if cfg.objective == "dot":
+    """The update directions W (B,H,L,dv): w_i = η_i v_i ("dot" with "gd"), else from a UT system.
+
+    "gd" + "l2": w_i = η_i (v_i - ρ_i S_{b(i)-1} k_i).  "dgd": w_i = -η_i (S_{i-1} k_i + e_i) with
+    e_i = -v_i ("dot") or S_{b(i)-1} k_i - v_i ("l2"): the state before the token (the factor
+    (α I - η k kᵀ)) couples every token to all earlier ones, as in the delta rule.
+    """
+    dgd = cfg.optimizer == "dgd"
+    if cfg.objective == "dot" and not dgd:
         return lr[..., None] * v
-    if cfg.objective != "l2":
+    if cfg.objective not in ("dot", "l2"):
         return _nonlinear_updates(blk, k, v, lr, carry, cfg)
     in_block = blk.lin_idx >= 0
     lin_idx = blk.lin_idx.clamp_min(0)
     batch, length = lin_idx.shape
     own = blk.src.expand(batch, length)
-    # λ_i: the decay that maps S_0 to token i's linearisation point (through S_{b-1}).
-    lam_idx = lin_idx if cfg.decay == "after" else own
-    lam = _gather_log_gamma(blk.G, lam_idx).exp()
-    base_in = lam[..., None] * (k @ carry.S.transpose(-1, -2))
-    # Tokens continuing the carried chunk linearise at ρ_i P with ρ_i = 1 or α_b⋯α_t.
-    base_out = k @ carry.P.transpose(-1, -2)
-    if cfg.decay == "before":
-        base_out = (carry.log_decay[..., None] + blk.G[:, :, 1:]).exp()[..., None] * base_out
-    base = torch.where(in_block[:, None, :, None], base_in, base_out)
+    base = torch.zeros_like(v)
+    A = None
+    if cfg.objective == "l2":
+        # λ_i: the decay that maps S_0 to token i's linearisation point (through S_{b-1}).
+        lam_idx = lin_idx if cfg.decay == "after" else own
+        lam = _gather_log_gamma(blk.G, lam_idx).exp()
+        base_in = _scaled(lam, k) @ carry.S.transpose(-1, -2)
+        base = torch.where(in_block[:, None, :, None], base_in, _carried_base(blk, k, carry, cfg))
+        # Token i couples to token r iff r's contribution is already in S_{b(i)-1}: r+1 ≤ lin_idx(i).
+        couple = blk.src[None, None, :] <= blk.lin_idx[:, :, None]
+        A = _weighted_dots(_decay_ratio(blk.G, lam_idx, blk.src, couple), k, k)
+    if dgd:
+        # The state before token i, S_{i}: Γ_i S_0 and every earlier token of the block.
+        before = own - 1
+        gamma = _gather_log_gamma(blk.G, before).exp()
+        base = base + _scaled(gamma, k) @ carry.S.transpose(-1, -2)
+        earlier = blk.src[None, None, :] <= before[:, :, None]
+        A_own = _weighted_dots(_decay_ratio(blk.G, before, blk.src, earlier), k, k)
+        A = A_own if A is None else A + A_own
+    assert A is not None
     rhs = lr[..., None] * (v - base)
-    # Token i couples to token r iff r's contribution is already in S_{b(i)-1}: r+1 ≤ lin_idx(i).
-    couple = blk.src[None, None, :] <= blk.lin_idx[:, :, None]
-    A = _decay_ratio(blk.G, lam_idx, blk.src, couple) * (k @ k.transpose(-1, -2))
     eye = torch.eye(length, dtype=k.dtype, device=k.device)
     system = eye + lr[..., None] * A
     return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
@@ -142,23 +187,22 @@ def _nonlinear_updates(
         return -lr[..., None] * objective_residual(base - v, cfg.objective, cfg.p, cfg.delta)
 
     in_block = blk.lin_idx >= 0
-    base_out = k @ carry.P.transpose(-1, -2)
-    if cfg.decay == "before":
-        base_out = (carry.log_decay[..., None] + blk.G[:, :, 1:]).exp()[..., None] * base_out
+    base_out = _carried_base(blk, k, carry, cfg)
     W = torch.where(in_block[:, None, :, None], torch.zeros_like(base_out), update(base_out))
     for j in sorted(set(blk.lin_idx[in_block].tolist())):
         idx = torch.full((batch,), j, dtype=torch.int64, device=k.device)
-        base = k @ _state_at(blk, carry.S, W, k, idx).transpose(-1, -2)
+        keys = k
         if cfg.decay == "before":
             # ρ_i = α_b⋯α_i = Γ_{i+1}/Γ_j (i+1 > j for every token of the chunk, so ≤ 1).
-            base = (blk.G[:, :, 1:] - blk.G[:, :, j : j + 1]).clamp_max(0).exp()[..., None] * base
+            keys = _scaled((blk.G[:, :, 1:] - blk.G[:, :, j : j + 1]).clamp_max(0).exp(), k)
+        base = keys @ _state_at(blk, carry.S, W, k, idx).transpose(-1, -2)
         mine = (blk.lin_idx == j)[:, None, :, None]
         W = torch.where(mine, update(base), W)
     return W
 
 
 def _read(blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig) -> Tensor:
-    """o_i = S_τ q_i = Γ_τ S_0 q_i + Σ_{r+1≤τ} (Γ_τ/Γ_{r+1}) (k_r·q_i) w_r, τ per the read mode."""
+    """o_i = S_τ q_i = S_0 (Γ_τ ∘ q_i) + Σ_{r+1≤τ} ((Γ_τ/Γ_{r+1}) ∘ k_r · q_i) w_r, τ per the read mode."""
     batch, length = blk.lin_idx.shape
     own = blk.src.expand(batch, length)
     if cfg.read == "online":
@@ -168,9 +212,9 @@ def _read(blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState
     else:
         tau = blk.lin_idx.clamp_min(0)
     visible = blk.src[None, None, :] <= tau[:, :, None]
-    scores = _decay_ratio(blk.G, tau, blk.src, visible) * (q @ k.transpose(-1, -2))
+    scores = _weighted_dots(_decay_ratio(blk.G, tau, blk.src, visible), q, k)
     gamma = _gather_log_gamma(blk.G, tau).exp()
-    out = gamma[..., None] * (q @ carry.S.transpose(-1, -2)) + scores @ W
+    out = _scaled(gamma, q) @ carry.S.transpose(-1, -2) + scores @ W
     if cfg.read == "boundary":
         # A chunk opened before the block was read at its start state, the carried P.
         carried = q @ carry.P.transpose(-1, -2)
@@ -192,7 +236,11 @@ def _carry(
     P = torch.where(opened_here[:, None, None, None], _state_at(blk, carry.S, W, k, lin_last), carry.P)
     log_end = _gather_log_gamma(blk.G, consumed[:, None])[:, :, 0]
     log_start = _gather_log_gamma(blk.G, lin_last[:, None])[:, :, 0]
-    log_decay = torch.where(opened_here[:, None], log_end - log_start, carry.log_decay + log_end)
+    carried = carry.log_decay
+    if log_end.dim() == 3 and carried.dim() == 2:
+        carried = carried[..., None].expand(*log_end.shape)
+    opened = opened_here[:, None, None] if log_end.dim() == 3 else opened_here[:, None]
+    log_decay = torch.where(opened, log_end - log_start, carried + log_end)
     offset = carry.phase + consumed
     return MatrixMemoryState(
         S=S,
@@ -219,7 +267,7 @@ def _run_block(
     length = q.shape[2]
     local = torch.arange(length, device=q.device)
     in_chunk = (carry.phase[:, None] + local) % cfg.chunk
-    G = torch.nn.functional.pad(log_retain.cumsum(-1), (1, 0))
+    G = torch.nn.functional.pad(log_retain.cumsum(2), (0, 0, 1, 0) if log_retain.dim() == 4 else (1, 0))
     blk = _Block(G=G, lin_idx=local - in_chunk, src=local + 1)
     W = _solve_updates(blk, k, v, lr, carry, cfg)
     return _read(blk, q, k, W, carry, cfg), _carry(blk, k, W, carry, consumed, cfg)
@@ -261,8 +309,16 @@ def _with_init_gradient(state: MatrixMemoryState, delta: Tensor, init: Tensor) -
 
 
 def has_parallel_form(cfg: MatrixMemoryConfig, retain: Tensor, state: MatrixMemoryState) -> bool:
-    """Whether ``chunked`` runs block-parallel (True) or through the scan fallback (False)."""
-    return cfg.optimizer == "gd" and retain.dim() == 3 and state.log_decay.dim() == 2
+    """Whether ``chunked`` runs block-parallel (True) or through the scan fallback (False).
+
+    Parallel: "gd" (any objective) and "dgd" ("dot", "l2"), with α per head or per channel.  A
+    stream whose carried decay is per channel stays on the scan when fed a per-head α.
+    """
+    if cfg.optimizer == "gd":
+        pass
+    elif cfg.optimizer != "dgd" or cfg.objective not in ("dot", "l2"):
+        return False
+    return retain.dim() == 4 or state.log_decay.dim() == 2
 
 
 def _scan_fallback(
@@ -320,7 +376,8 @@ def chunked(
         carry = state.detach()
     # Padding: η = 0 and α = 1 make a token a no-op on the state.
     lr = torch.where(valid[:, None], lr, torch.zeros_like(lr))
-    log_retain = torch.where(valid[:, None], safe_log_retain(retain), torch.zeros_like(retain))
+    time_mask = valid[:, None, :, None] if retain.dim() == 4 else valid[:, None]
+    log_retain = torch.where(time_mask, safe_log_retain(retain), torch.zeros_like(retain))
 
     cuts = None
     if cfg.grad == "truncate":

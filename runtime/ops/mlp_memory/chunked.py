@@ -145,20 +145,17 @@ def _mixing(log_a: Tensor, log_b: Tensor | None, active: Tensor, d: int) -> tupl
 
 @dataclass
 class _Terms:
-    """Σ_s coef[n, s] ∘ left_s right_sᵀ for one weight: left (B,H,L,rows), right (B,H,L,cols).
-
-    ``side`` says which axis the per-channel rates act on: "in" (columns, W2) or "out" (rows, W1).
-    """
+    """Σ_s coef[n, s] ∘ left_s right_sᵀ for one weight: left (B,H,L,rows), right (B,H,L,cols)."""
 
     mix: _Mix
     left: Tensor
     right: Tensor
 
 
-def _apply_in(terms: list[_Terms], tau: Tensor | int, x: Tensor) -> Tensor:
+def _apply_in(terms: list[_Terms], tau: Tensor, x: Tensor) -> Tensor:
     """Σ terms of W2 (channel on the input/column axis) at states tau applied to x: (B,H,L,d) -> (B,H,L,h).
 
-    tau: (L,) state index per query (x row), or an int (the end state, x then (B,H,d) -> not used).
+    tau: (L,) the state index read by each query (row of x).
     """
     out = None
     for t in terms:
