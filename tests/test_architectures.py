@@ -491,8 +491,6 @@ def test_chunked_equals_reference_with_gradients(spec: str, length: int) -> None
             assert a.abs().max() == 0, name
 
 
-
-
 @pytest.mark.parametrize("length", [5, 13])
 @pytest.mark.parametrize(
     "spec",
