@@ -61,7 +61,9 @@ class Formatter:
     def _emit(self, text: str, nodes_end: list[int], indent: str) -> None:
         """A line of code, with the trailing comments of the source lines its nodes ended on."""
         end_lines = {self.source.line_col(max(0, end - 1))[0] for end in nodes_end}
-        trailing = [c for c in self.comments if not c.emitted and not c.own_line and c.line in end_lines]
+        # At most one trailing comment per line: a second would become part of the first when parsed back;
+        # any other stays pending and is printed on its own line before the next node.
+        trailing = [c for c in self.comments if not c.emitted and not c.own_line and c.line in end_lines][:1]
         for c in trailing:
             c.emitted = True
         suffix = "".join(f"  {c.text}" for c in trailing)
