@@ -32,12 +32,13 @@ SMALL: dict[str, dict[str, float | list[int]]] = {
     "titans_lmm": {"chunk": 4},
     "titans_mal": {"chunk": 4, "window": 8, "persistent": 2},
     "titans_mag": {"chunk": 4, "window": 8, "persistent": 2},
-    "titans_selfmod": {"c_other": 2, "c_mem": 4},
-    "hope": {"c_other": 2, "c_mem": 4, "chunks": [2, 4], "cms_lr": 0.5},
+    "titans_selfmod": {"c_other": 2, "c_mem": 4, "eta_max": 0.1},
+    "hope": {"c_other": 2, "c_mem": 4, "chunks": [2, 4], "cms_lr": 0.5, "eta_max": 0.1},
     "hope_attention": {"chunks": [2, 4], "cms_lr": 0.5},
+    "titans_mac": {"chunk": 2, "segment": 4, "persistent": 2},
 }
-RUNNING = tuple(SMALL)
-MAC = pytest.param("titans_mac", marks=pytest.mark.skip(reason="titans_mac does not compile yet: E040 for `prefix`"))
+RUNNING = tuple(s for s in SMALL if s != "titans_mac")  # MAC has no written-out forward here
+MAC = "titans_mac"
 SIZES = {"d": 16, "heads": 2, "layers": 2}
 HEADS = 2
 
@@ -370,7 +371,7 @@ WRITTEN_OUT: dict[str, Callable[[torch.nn.Module, Tensor], Tensor]] = {
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-@pytest.mark.parametrize("spec", [*RUNNING, MAC])
+@pytest.mark.parametrize("spec", RUNNING)  # titans_mac: no written-out forward yet (chunked == reference below)
 def test_output_equals_the_written_out_forward(spec: str, backend: str) -> None:
     model = compiled(spec, backend)
     tokens = tokens_for(2, 11, seed=1)  # T = 11: past MAL/MAG's window of 8, chunks of 4 with a partial last one
