@@ -189,7 +189,8 @@ def show(spec: str, sets: tuple[str, ...], fmt: str) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True, help="Output directory.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
-def compile_cmd(spec: str, out: str, sets: tuple[str, ...]) -> None:
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def compile_cmd(spec: str, out: str, sets: tuple[str, ...], fmt: str) -> None:
     """Compile SPEC into DIR: plan.json (what the runtime runs), ir.json, schedule.txt, the spec."""
     compilation, _ = _compile(spec, sets, "text")
     plan = to_plan(compilation)
@@ -198,7 +199,17 @@ def compile_cmd(spec: str, out: str, sets: tuple[str, ...]) -> None:
     _write_atomic(directory / "ir.json", compilation.system.model_dump_json(indent=2))
     _write_atomic(directory / "schedule.txt", _schedule_text(plan))
     _write_atomic(directory / "spec.nest", compilation.source.text)
-    click.echo(f"{compilation.path}: compiled to {directory}/ (plan.json, ir.json, schedule.txt, spec.nest)")
+    files = ["plan.json", "ir.json", "schedule.txt", "spec.nest"]
+    _report(
+        fmt,
+        f"{compilation.path}: compiled to {directory}/ ({', '.join(files)})",
+        {"spec": compilation.path, "out": str(directory), "files": files},
+    )
+
+
+def _report(fmt: str, text: str, data: dict[str, Any]) -> None:
+    """A command's closing message: one line of text, or one JSON object for editors and scripts."""
+    click.echo(json.dumps(data) if fmt == "json" else text)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -250,7 +261,8 @@ def _schedule_text(plan: Any) -> str:
 )
 @click.option("--view", type=click.Choice(["hierarchy", "gradients", "both"]), default="both", show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
-def viz(spec: str, out: str, view: str, sets: tuple[str, ...]) -> None:
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def viz(spec: str, out: str, view: str, sets: tuple[str, ...], fmt: str) -> None:
     """Draw SPEC: its level hierarchy on the frequency axis and its gradient flow."""
     from . import viz as pictures
 
@@ -259,19 +271,25 @@ def viz(spec: str, out: str, view: str, sets: tuple[str, ...]) -> None:
     if not Path(out).parent.is_dir():
         raise UsageProblem(f"-o {out}: no such folder {str(Path(out).parent)!r}")
     compilation, _ = _compile(spec, sets, "text")
-    fmt = pictures.write(compilation, out, view)
-    click.echo(f"{compilation.path}: wrote {out} ({fmt}, {view})")
+    kind = pictures.write(compilation, out, view)
+    _report(
+        fmt,
+        f"{compilation.path}: wrote {out} ({kind}, {view})",
+        {"spec": compilation.path, "out": out, "format": kind, "view": view},
+    )
 
 
 @cli.command()
 @click.argument("code")
-def explain(code: str) -> None:
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def explain(code: str, fmt: str) -> None:
     """Explain a diagnostic code, e.g. `nestc explain E020`."""
     text = codes.explain(code)
     if text is None:
         hint = suggest(code.upper(), codes.EXPLANATIONS) or "codes look like E020"
         raise UsageProblem(f"no diagnostic code {code!r}; {hint}")
-    click.echo(text)
+    title, body = codes.EXPLANATIONS[code.upper()]
+    _report(fmt, text, {"code": code.upper(), "title": title, "explanation": body})
 
 
 @cli.command()
@@ -291,6 +309,7 @@ def explain(code: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def train(
     spec: str,
     data: str,
@@ -302,6 +321,7 @@ def train(
     backend: str,
     resume: bool,
     progress: bool,
+    fmt: str,
 ) -> None:
     """Train SPEC on a text corpus with its outer optimizer levels."""
     import torch
@@ -336,12 +356,13 @@ def train(
         progress=progress,
         extra_meta=meta,
     )
-    click.echo(
-        json.dumps(
-            {k: result[k] for k in ("first_loss", "last_loss", "steps", "tokens_per_s")}
-            | {"checkpoint": str(result["checkpoint"])}
-        )
+    summary = {k: result[k] for k in ("first_loss", "last_loss", "steps", "tokens_per_s")}
+    summary["checkpoint"] = str(result["checkpoint"])
+    text = (
+        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} after {summary['steps']} steps, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}"
     )
+    _report(fmt, text, summary)
 
 
 SETTING_SECTIONS = {"train", "optim"}

@@ -31,7 +31,7 @@ STEPS = 30
 def test_thirty_steps_lower_the_loss(spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = ["train", str(ROOT / "specs" / f"{spec}.nest"), "--data", str(CORPUS), "--steps", str(STEPS)]
-    args += ["--out", str(out), "--batch", "4", "--seq-len", "64", "--no-progress", "--set", "d=64"]
+    args += ["--out", str(out), "--batch", "4", "--seq-len", "64", "--no-progress", "--format", "json", "--set", "d=64"]
     args += ["--set", "layers=2", "--set", "train.log_every=1"]
     began = time.perf_counter()
     assert main(args) == 0

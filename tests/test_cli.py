@@ -103,3 +103,16 @@ def test_console_script_in_a_subprocess() -> None:
     )
     assert result.returncode == 1
     assert "error[E021]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_printing_command_speaks_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "compile", str(SPEC), "-o", str(tmp_path / "b"), "--format", "json")
+    assert code == 0 and json.loads(out)["files"][0] == "plan.json"
+    code, out, _ = run(capsys, "explain", "E021", "--format", "json")
+    assert code == 0 and json.loads(out)["title"] == "nested level slower than its owner"
+    code, out, _ = run(capsys, "viz", str(SPEC), "-o", str(tmp_path / "p.dot"), "--format", "json")
+    assert code == 0 and json.loads(out)["format"] == "dot"
+    for command in (["check", str(SPEC)], ["show", str(SPEC)], ["fmt", "--check", str(SPEC)]):
+        code, out, _ = run(capsys, *command, "--format", "json")
+        assert code == 0
+        json.loads(out)

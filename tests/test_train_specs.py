@@ -20,7 +20,7 @@ CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "json"  # real text on every ma
 def test_forty_steps_lower_the_loss(spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = ["train", str(ROOT / "specs" / f"{spec}.nest"), "--data", str(CORPUS), "--steps", "40"]
-    args += ["--out", str(out), "--batch", "4", "--seq-len", "64", "--no-progress", "--set", "d=32"]
+    args += ["--out", str(out), "--batch", "4", "--seq-len", "64", "--no-progress", "--format", "json", "--set", "d=32"]
     args += ["--set", "train.log_every=1"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -219,3 +219,56 @@ def test_matrix_fp32(optimizer: str, per_channel: bool) -> None:
     for chunk in (1, 16):
         cfg = mat.MatrixMemoryConfig("l2", "after", chunk, "online", optimizer=optimizer)
         _matrix_check(cfg, _matrix_leaves(256, seed=1, per_channel=per_channel, dtype=torch.float32), 1e-5)
+
+
+# ---------------------------------------------------------------- streaming (carried phase and decay)
+
+PIECES = [(0, 3), (3, 10), (10, 23)]
+
+
+def _piece(xs: dict[str, Tensor], a: int, b: int) -> dict[str, Tensor]:
+    return {n: (x if n.startswith("init") else x[:, :, a:b]) for n, x in xs.items()}
+
+
+@pytest.mark.parametrize("optimizer,read", [("momentum_gd", "online"), ("dgd", "before"), ("gd", "boundary")])
+def test_mlp_streaming_per_channel(optimizer: str, read: str) -> None:
+    cfg = mlp.MLPMemoryConfig("l2", 4, read, "truncate", truncate_k=2, optimizer=optimizer, norm=True)
+    xs = _mlp_leaves(23, seed=5, channel_beta=False)
+    beta = xs["beta"] if optimizer == "momentum_gd" else None
+
+    def run(which: str) -> tuple[Tensor, list[Tensor]]:
+        state = mlp.MLPMemoryState.initial(xs["init1"], xs["init2"], B)
+        if which == "scan":
+            o, s = mlp.scan(xs["q"], xs["k"], xs["v"], xs["lr"], xs["retain"], state, cfg, momentum=beta)
+            return o, list(s.tensors())
+        pieces = []
+        for a, b in PIECES:
+            p = _piece(xs, a, b)
+            mom = None if beta is None else p["beta"]
+            o, state = mlp.chunked(p["q"], p["k"], p["v"], p["lr"], p["retain"], state, cfg, momentum=mom)
+            pieces.append(o)
+        return torch.cat(pieces, 2), list(state.tensors())
+
+    _compare(run, xs, ("W1", "W2", "P1", "P2", "M1", "M2"), 1e-10)
+
+
+@pytest.mark.parametrize(
+    "optimizer,decay,per_channel", [("gd", "before", True), ("dgd", "after", True), ("dgd", "after", False)]
+)
+def test_matrix_streaming(optimizer: str, decay: str, per_channel: bool) -> None:
+    cfg = mat.MatrixMemoryConfig("l2", decay, 4, "online", "truncate", truncate_k=2, optimizer=optimizer)
+    xs = _matrix_leaves(23, seed=5, per_channel=per_channel)
+
+    def run(which: str) -> tuple[Tensor, list[Tensor]]:
+        state = mat.MatrixMemoryState.initial(xs["init"], B)
+        if which == "scan":
+            o, s = mat.scan(xs["q"], xs["k"], xs["v"], xs["lr"], xs["retain"], state, cfg)
+            return o, [s.S, s.P, s.log_decay]
+        pieces = []
+        for a, b in PIECES:
+            p = _piece(xs, a, b)
+            o, state = mat.chunked(p["q"], p["k"], p["v"], p["lr"], p["retain"], state, cfg, block=5)
+            pieces.append(o)
+        return torch.cat(pieces, 2), [state.S, state.P, state.log_decay]
+
+    _compare(run, xs, ("S", "P", "log_decay"), 1e-10)
