@@ -26,13 +26,24 @@ starts of the block in order, forms each chunk's start state S_{b-1} from the w 
 (the expansion above), and computes the w of all the chunk's tokens at once.  That is parallel inside
 a chunk and sequential over chunks (one step per token at C = 1); reads and the carry are unchanged.
 
-Scope of the parallel form: optimizer "gd" with a scalar (per-head) retention, any objective.  Every
-other combination ("momentum_gd", "dgd", "newton_schulz", "delta_momentum", a per-channel retention
-(B,H,T,dk)) runs through ``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a
-per-token loop over the reference step behind the same API (identical results and gradients, no
-parallelism over tokens).  ("newton_schulz" maps the momentum through a non-linear NS_steps every
-token, and "delta_momentum"'s factor (αI - λĝᵀĝ) multiplies the momentum, not the state, so the
-state is a sum of products of those factors: neither has an exact block form implemented here.)
+A per-channel retention α (B,H,T,dk) (S ← S·diag(α), GLA-style) keeps every formula with Γ a vector
+over the key channels: Γ_t S_0 becomes S_0·diag(Γ_t) and a score (Γ_τ/Γ_s)(k_s·q) becomes
+Σ_c (Γ_τ[c]/Γ_s[c]) k_s[c] q[c], evaluated as an explicit (L, L, dk) tensor of masked ratios ≤ 1 (no
+split into Γ_τ q and k/Γ_s, which would overflow; nothing is clamped).
+
+"dgd" (S_t = S_{t-1}(α_t I - η_t k_t k_tᵀ) - η_t e_t k_tᵀ, e = -v for "dot", P k - v for "l2") is the
+delta rule with w_i = -η_i (S_{i-1} k_i + e_i): the term S_{i-1} k_i couples token i to every earlier
+token of the block (plus, for "l2", the chunk-start term above), so W again solves one unit
+lower-triangular system per block; with a per-channel α the factor is diag(α_t) - η_t k_t k_tᵀ.
+
+Scope of the parallel form: optimizer "gd" (any objective) and "dgd" ("dot" and "l2"), with α per head
+or per channel.  Every other combination ("momentum_gd", "newton_schulz", "delta_momentum", "dgd" with
+"lp"/"huber", a per-head α fed to a stream whose carried decay is per channel) runs through
+``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a per-token loop over the
+reference step behind the same API (identical results and gradients, no parallelism over tokens).
+("newton_schulz" maps the momentum through a non-linear NS_steps every token, and "delta_momentum"'s
+factor (αI - λĝᵀĝ) multiplies the momentum, not the state, so the state is a sum of products of those
+factors: neither has an exact block form implemented here.)
 """
 
 from __future__ import annotations

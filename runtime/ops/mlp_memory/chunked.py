@@ -20,13 +20,26 @@ a row's carried chunk (stage A, linearised at the carried P) and the head of its
 Every objective ("l2", "dot", "lp", "huber") has this form: only e = ∂ℓ/∂M(k) in ``token_gradients``
 changes, and the gradients stay rank one given θ_{b-1}.
 
-Scope of the parallel form: "gd" and "momentum_gd" with per-head (B,H,T) α and β.  "dgd" (its
-factor on W2 makes the states a product of rank-one factors), "newton_schulz" (a non-linear map of
-the momentum every token), "delta_momentum" (its factor (αI - λĝᵀĝ) multiplies the momentum, a
-product of per-token factors) and per-channel rates run through
-``_scan_fallback``, the documented compiled-scan fallback (DESIGN §3): the reference recurrence
-behind the same API.  At C = 1 the block loop is itself a per-token scan (DESIGN §3: an MLP memory
-updated every token has no parallel form).
+Per-channel rates (α and/or β of shape (B,H,T,d); W2 ← W2·diag(α), W1 ← diag(α)·W1) keep the same form
+with one coefficient per model channel: X[n, s, c] = Σ_r Dα_c[n, r] Dβ_c[r, s], every ratio
+Γ_n[c]/Γ_{r+1}[c] taken as exp(log Γ_n - log Γ_{r+1}) under the mask r < n (≤ 1, never overflows, no
+clamping).  Reads contract the channel inside the score, e.g.
+
+    W2_τ q = W2_e (Γ_τ ∘ q) + M2_e (c_τ ∘ q) - Σ_s η_s u_s Σ_c X[τ, s, c] k_s[c] q[c],
+
+an explicit (L, L, d) tensor per chunk (L ≤ C), cheap for the chunk sizes used here and exact.
+
+"dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η u kᵀ, W1 ← α ∘ W1 - η δ sᵀ): W1 is the "gd" form.  For W2 write
+W2_{i+1} = W2_i ∘ α_i + w_i k̂_iᵀ - η_i u_i k_iᵀ with w_i = -η_i W2_i k̂_i; expanding W2_i gives a unit
+lower-triangular system for the w of the segment (the WY/UT form of the delta rule, ``_dgd_updates``),
+solved once per segment; u (the back-propagated signal at the chunk start) is fixed inside it.
+
+Scope of the parallel form: "gd", "momentum_gd" and "dgd", rates per head or per channel.
+"newton_schulz" (a non-linear map of the momentum every token) and "delta_momentum" (its factor
+(αI - λĝᵀĝ) multiplies the momentum, a product of per-token factors) run through ``_scan_fallback``,
+the documented compiled-scan fallback (DESIGN §3): the reference recurrence behind the same API.
+At C = 1 the block loop is itself a per-token scan (DESIGN §3: an MLP memory updated every token has
+no parallel form).
 """
 
 from __future__ import annotations
