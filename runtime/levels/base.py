@@ -61,6 +61,22 @@ def where_rows(mask: Tensor, a: LevelState, b: LevelState) -> LevelState:
     return LevelState.cat([a, b]).select(torch.where(mask, rows, rows + mask.shape[0]))
 
 
+def op_settings(plan: LevelPlan) -> dict[str, Any]:
+    """The settings every parametric memory op shares, with the catalogue's defaults filled in."""
+    return {
+        "objective": plan.objective or "l2",
+        "chunk": plan.chunk,
+        "read": plan.read,
+        "grad": plan.gradient,
+        "truncate_k": plan.truncate_k,
+        "optimizer": plan.optimizer or "gd",
+        "p": 2.0 if plan.p is None else plan.p,
+        "delta": 1.0 if plan.delta is None else plan.delta,
+        "steps": 5 if plan.steps is None else plan.steps,
+        "lam": 1.0 if plan.lam is None else plan.lam,
+    }
+
+
 ROLE_KEYS = {"queries": "query", "keys": "key", "values": "value", "targets": "target"}
 RATE_WIDTH = {"scalar": lambda heads, dk: 1, "head": lambda heads, dk: heads, "channel": lambda heads, dk: heads * dk}
 

@@ -10,25 +10,13 @@ from torch import Tensor
 
 from ..ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
 from ..plan import LevelPlan
-from .base import Level, LevelState
+from .base import Level, LevelState, op_settings
 
 
 class MatrixLevel(Level):
     def __init__(self, plan: LevelPlan, d: int, instance: str) -> None:
         super().__init__(plan, d, instance)
-        self.config = MatrixMemoryConfig(
-            objective=plan.objective or "l2",
-            decay=plan.decay,
-            chunk=plan.chunk,
-            read=plan.read,
-            grad=plan.gradient,
-            truncate_k=plan.truncate_k,
-            optimizer=plan.optimizer or "gd",
-            p=2.0 if plan.p is None else plan.p,
-            delta=1.0 if plan.delta is None else plan.delta,
-            steps=5 if plan.steps is None else plan.steps,
-            lam=1.0 if plan.lam is None else plan.lam,
-        )
+        self.config = MatrixMemoryConfig(decay=plan.decay, **op_settings(plan))
 
     def initial_op_state(self, batch: int, like: Tensor) -> MatrixMemoryState:
         p = self.plan

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ops.mlp_memory import MLPMemoryConfig, MLPMemoryState, chunked, scan
 from ..ops.mlp_memory.state import apply_memory
 from ..plan import LevelPlan
-from .base import Level, LevelState
+from .base import Level, LevelState, op_settings
 
 
 class MLPLevel(Level):
@@ -27,18 +27,9 @@ class MLPLevel(Level):
         self.init2 = nn.Parameter(torch.randn(heads, hidden, dk) / math.sqrt(dk))
         self.init1 = nn.Parameter(torch.randn(heads, dk, hidden) * (w1_scale / math.sqrt(hidden)))
         self.config = MLPMemoryConfig(
-            objective=plan.objective or "l2",
-            chunk=plan.chunk,
-            read=plan.read,
-            grad=plan.gradient,
-            truncate_k=plan.truncate_k,
-            optimizer=plan.optimizer or "gd",
-            p=2.0 if plan.p is None else plan.p,
-            delta=1.0 if plan.delta is None else plan.delta,
-            steps=5 if plan.steps is None else plan.steps,
-            lam=1.0 if plan.lam is None else plan.lam,
             norm=plan.options.get("norm") == "layernorm",
             activation=plan.options.get("activation", "silu"),
+            **op_settings(plan),
         )
 
     def initial_op_state(self, batch: int, like: Tensor) -> MLPMemoryState:
