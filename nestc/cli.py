@@ -26,6 +26,8 @@ from .pipeline import Compilation, SpecError, SpecFileError, front_end, to_plan
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
 FORMATS = click.Choice(["text", "json"])
+TRAIN_TASKS = ["mqar", "niah", "continual", "memorize"]
+EVAL_TASKS = ["mqar", "niah", "ppl", "continual", "memorize"]
 
 
 class UsageProblem(click.UsageError):
@@ -294,7 +296,8 @@ def explain(code: str, fmt: str) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--data", type=click.Path(exists=True), required=True, help="A text file or a folder of them.")
+@click.option("--data", type=click.Path(exists=True), default=None, help="A text file or a folder of them.")
+@click.option("--task", type=click.Choice(TRAIN_TASKS), default=None, help="Train on a generated task instead.")
 @click.option("--steps", type=click.IntRange(min=1), required=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
 @click.option(
@@ -312,7 +315,8 @@ def explain(code: str, fmt: str) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def train(
     spec: str,
-    data: str,
+    data: str | None,
+    task: str | None,
     steps: int,
     out: str,
     sets: tuple[str, ...],
@@ -323,46 +327,208 @@ def train(
     progress: bool,
     fmt: str,
 ) -> None:
-    """Train SPEC on a text corpus with its outer optimizer levels."""
+    """Train SPEC on a text corpus (or a generated task) with its outer optimizer levels.
+
+    Under `torchrun --nproc-per-node N -m nestc train ...` the processes share each step (DDP, gloo)."""
     import torch
 
-    from nestc_runtime.training import load_corpus, make_sampler
+    from nestc_runtime.training import distributed, load_corpus, make_sampler
     from nestc_runtime.training import train as run_training
 
+    if (data is None) == (task is None):
+        raise UsageProblem("give either --data FILE (a text corpus) or --task NAME (generated data)")
     compilation, raw_settings = _compile(spec, sets, "text")
     settings = _train_settings(raw_settings, steps=steps, batch=batch, seq_len=seq_len)
     plan = to_plan(compilation)
+    env = distributed.setup()
     torch.manual_seed(settings.seed)
     model = CompiledModel(plan, backend=backend)
-    tokens = load_corpus(data)
-    sampler, _ = make_sampler(tokens, settings)
+    if task is not None:
+        from nestc_runtime.evaluation import TaskSampler, get_task
+
+        sampler: Any = TaskSampler(get_task(task), settings.batch, settings.seq_len, settings.seed)
+        source = f"task {task} (generated)"
+    else:
+        tokens = load_corpus(data)  # type: ignore[arg-type]
+        sampler, _ = make_sampler(tokens, settings)
+        source = f"{data} ({tokens.numel():,} tokens)"
     directory = Path(out)
-    plan.save(directory)
+    if env.is_main:
+        plan.save(directory)
     meta = {"system": plan.system, "source_hash": plan.source_hash, "params": plan.params}
+    if task is not None:
+        meta["task"] = task
     n_params = sum(p.numel() for p in model.parameters())
-    click.echo(
-        f"training `{plan.system}` ({n_params:,} parameters, backend {model.backend}) on {data} "
-        f"({tokens.numel():,} tokens) for {settings.steps} steps",
-        err=True,
-    )
-    result = run_training(
-        model,
-        model.optimizer_groups(),
-        sampler,
-        settings,
-        directory,
-        eod=plan.eod,
-        resume=resume,
-        progress=progress,
-        extra_meta=meta,
-    )
+    if env.is_main:
+        ranks = f", {env.world_size} processes" if env.active else ""
+        click.echo(
+            f"training `{plan.system}` ({n_params:,} parameters, backend {model.backend}{ranks}) on {source} "
+            f"for {settings.steps} steps",
+            err=True,
+        )
+    trained: torch.nn.Module = model
+    if env.active:
+        trained, sampler = distributed.DistributedModel(model), distributed.ShardedSampler(sampler, env)
+    try:
+        with distributed.run_folder(directory, env, resume) as folder:
+            result = run_training(
+                trained,
+                model.optimizer_groups(),
+                sampler,
+                settings,
+                folder,
+                eod=plan.eod,
+                resume=resume,
+                progress=progress and env.is_main,
+                extra_meta=meta,
+            )
+        for key in ("first_loss", "last_loss"):
+            result[key] = distributed.mean_over_ranks(result[key], env)
+    finally:
+        distributed.cleanup(env)
+    if not env.is_main:
+        return
     summary = {k: result[k] for k in ("first_loss", "last_loss", "steps", "tokens_per_s")}
     summary["checkpoint"] = str(result["checkpoint"])
+    if env.active:
+        summary["processes"] = env.world_size
     text = (
         f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} after {summary['steps']} steps, "
         f"{summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}"
     )
     _report(fmt, text, summary)
+
+
+@cli.command(name="eval")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--ckpt", required=True, help="A ckpt-* folder, or a run folder (its newest checkpoint).")
+@click.option("--task", type=click.Choice(EVAL_TASKS), required=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=True), default=None, help="Held-out text (ppl).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated evaluation set.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
+@click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def eval_cmd(
+    spec: str,
+    ckpt: str,
+    task: str,
+    data: str | None,
+    seed: int,
+    out: str | None,
+    sets: tuple[str, ...],
+    backend: str,
+    fmt: str,
+) -> None:
+    """Evaluate a trained checkpoint of SPEC on a generated task (mqar, niah, ppl, continual, memorize)."""
+    from nestc_runtime.evaluation import (
+        evaluate,
+        get_task,
+        model_predictor,
+        render_table,
+        write_json_atomic,
+    )
+
+    if out is not None and not Path(out).parent.is_dir():
+        raise UsageProblem(f"--out {out}: no such folder {str(Path(out).parent)!r}")
+    if task == "ppl" and data is None:
+        raise UsageProblem("--task ppl needs --data FILE (held-out text)")
+    compilation, _ = _compile(spec, sets, "text")
+    model, where = _load_trained(compilation, ckpt, backend)
+    chosen = get_task(task, path=data) if task == "ppl" else get_task(task)
+    result = evaluate(model_predictor(model), chosen, seed=seed, vocab=model.plan.vocab)
+    result.update(spec=compilation.path, checkpoint=str(where))
+    if out is not None:
+        write_json_atomic(out, result)
+        result["out"] = out
+    text = render_table(result) + (f"\nwrote {out}" if out else "")
+    _report(fmt, text, result)
+
+
+def _load_trained(compilation: Compilation, ckpt: str, backend: str) -> tuple[CompiledModel, Path]:
+    from nestc_runtime.evaluation import load_trained
+
+    plan = to_plan(compilation)
+    model = CompiledModel(plan, backend=backend)
+    expected = {"system": plan.system, "source_hash": plan.source_hash, "params": plan.params}
+    where = load_trained(model, ckpt, expected)
+    model.eval()
+    return model, where
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--ckpt", required=True, help="A ckpt-* folder, or a run folder (its newest checkpoint).")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the K likeliest tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Memory state file (safetensors): loaded if it exists, saved after generating.",
+)
+@click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
+@click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def generate(
+    spec: str,
+    ckpt: str,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    state_path: str | None,
+    sets: tuple[str, ...],
+    backend: str,
+    fmt: str,
+) -> None:
+    """Continue PROMPT with a trained checkpoint of SPEC; inner levels keep learning while it generates."""
+    from nestc_runtime.generation import generate as sample
+    from nestc_runtime.generation import load_state, save_state
+    from nestc_runtime.training import ByteTokenizer
+
+    if not prompt:
+        raise UsageProblem("--prompt must not be empty")
+    if state_path is not None and not Path(state_path).parent.is_dir():
+        raise UsageProblem(f"--state {state_path}: no such folder {str(Path(state_path).parent)!r}")
+    compilation, _ = _compile(spec, sets, "text")
+    model, where = _load_trained(compilation, ckpt, backend)
+    state, continued = None, False
+    if state_path is not None and Path(state_path).exists():
+        state, _ = load_state(state_path, model)
+        continued = True
+    tokenizer = ByteTokenizer()
+    new, state = sample(
+        model,
+        tokenizer.encode(prompt),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        state=state,
+    )
+    if state_path is not None:
+        save_state(state_path, model, state)
+    text = tokenizer.decode(new)
+    data = {
+        "prompt": prompt,
+        "text": text,
+        "tokens": new,
+        "checkpoint": str(where),
+        "state": state_path,
+        "continued": continued,
+    }
+    if fmt == "json":
+        _report(fmt, "", data)
+    else:
+        click.echo(text)
+        if state_path is not None:
+            click.echo(f"state {'continued and ' if continued else ''}saved to {state_path}", err=True)
 
 
 SETTING_SECTIONS = {"train", "optim"}

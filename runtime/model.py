@@ -12,6 +12,7 @@ into one row per document (each with its own chunk phase), so the memory ops nev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -208,13 +209,14 @@ class CompiledModel(nn.Module):
         starts = self._doc_starts(tokens, current, doc_start, streaming)
         memories = self._settle(current, tokens[:, 0], starts[:, 0]) if self.task_levels else current.memories
         run = self._reference if self.backend == "reference" else self._chunked
-        logits, memories, probes = run(tokens, memories, starts, probe)
-        pending = None
-        if self.task_levels and streaming:
-            pending = logits[:, -1]
-            if final:
-                memories = self._flush(memories)
-                pending = None
+        # Task levels differentiate the loss inside the call (and the last token's logits in the next one),
+        # so their graph is built even when the caller runs without grad; the result is detached below.
+        with torch.enable_grad() if self.task_levels else contextlib.nullcontext():
+            logits, memories, probes = run(tokens, memories, starts, probe)
+            pending = logits[:, -1] if self.task_levels and streaming else None  # keeps its graph
+        if pending is not None and final:
+            memories = self._flush(memories)
+            pending = None
         new_state = ModelState(memories, tokens[:, -1] == self.plan.eod, pending)
         if not torch.is_grad_enabled():
             logits = logits.detach()

@@ -125,3 +125,18 @@ def test_weights_change_exactly_at_chunk_ends(tmp_path: Path) -> None:
         changed = not torch.equal(now, previous)
         assert changed == (t >= 3 and t % 3 == 0), f"token {t}: changed={changed}"
         previous = now.clone()
+
+
+def test_streaming_under_no_grad_equals_one_call(tmp_path: Path) -> None:
+    """Generation runs without grad; a task level still needs the graph of its chunk, across calls too."""
+    model = build(tmp_path, "chunked", chunk=4)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    whole, _ = model(tokens, model.init_state(1), final=True)
+    pieces = []
+    with torch.no_grad():
+        state = model.init_state(1)
+        for t in range(9):
+            out, state = model(tokens[:, t : t + 1], state, final=t == 8)
+            pieces.append(out)
+    assert not pieces[-1].requires_grad
+    torch.testing.assert_close(torch.cat(pieces, 1), whole.detach(), rtol=1e-9, atol=1e-9)
