@@ -602,7 +602,20 @@ def test_hope_generators_lower_their_own_inner_loss(name: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 ICL_VOCAB, ICL_BLOCK = 16, 8
-ICL_SIZES = {"d": 32, "layers": 1}
+# The head covers the task's 16 ids and EOD (id 16). With the default 257 ids the first ~150 AdamW steps go
+# to suppressing 241 ids that never occur (the head's norm grows 1.8 -> 24) while every memory path sits on
+# the ln 16 plateau; with 17 ids Titans LMM leaves the plateau after ~40 steps instead of ~200 (issue 15).
+ICL_SIZES = {"d": 32, "layers": 1, "vocab": ICL_VOCAB + 1}
+# Budget: batch 32, AdamW lr 1e-2 (3e-2 stalls Titans on the plateau and diverges self-modifying Titans),
+# 100 steps, measured to leave the plateau with margin for LMM, MAL and MAG (about 10 s each on 2 CPU cores).
+# The self-modifying specs run an exact token-by-token DGD scan (W003, about 1 s a step), so they get 40
+# steps, and eta_max = 0.005: at the test's 0.1 (and at the spec default 0.02 under this outer lr) M_v's
+# self-generated targets v̂ = M_v(v) feed back and its in-context state overflows to NaN within a few steps.
+ICL_BATCH, ICL_LR, ICL_STEPS = 32, 1e-2, 100
+ICL_OVERRIDES: dict[str, dict[str, object]] = {
+    "titans_selfmod": {"steps": 40, "eta_max": 0.005},
+    "hope": {"steps": 40, "eta_max": 0.005},
+}
 
 
 def repeated_blocks(seed: int, batch: int) -> Tensor:
@@ -620,32 +633,50 @@ def icl_results() -> dict[str, tuple[float, float]]:
     out = {}
     for spec in RUNNING:
         torch.manual_seed(0)
-        model = nestc.compile(SPECS_DIR / f"{spec}.nest", **{**SIZES, **SMALL[spec], **ICL_SIZES})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
-        for step in range(40):
-            tokens = repeated_blocks(100 + step, 16)
+        overrides = dict(ICL_OVERRIDES.get(spec, {}))
+        steps = int(overrides.pop("steps", ICL_STEPS))  # type: ignore[call-overload]
+        params = {**ICL_SIZES, **overrides}
+        model = nestc.compile(SPECS_DIR / f"{spec}.nest", **{**SIZES, **SMALL[spec], **params})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=ICL_LR, weight_decay=0.0)
+        for step in range(steps):
+            tokens = repeated_blocks(100 + step, ICL_BATCH)
             logits = model(tokens)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         test = repeated_blocks(7, 32)  # not under no_grad: see test_task_levels_run_under_no_grad
-        out[spec] = (second_pass_loss(model, test), second_pass_loss(zero_lr_model(spec, model, **ICL_SIZES), test))
+        out[spec] = (second_pass_loss(model, test), second_pass_loss(zero_lr_model(spec, model, **params), test))
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 15): after 40 AdamW steps no parametric spec uses its memory yet: second-pass loss is the "
-    "same with the inner lrs as trained and with them 0 (about ln 16), while the transformer reaches 2.28; forwards "
-    "match the written-out equations and chunked gradients the reference; retention now starts near 1, so the next "
-    "suspects are the inner learning-rate scale and a training budget too short for the memory's projections",
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "titans_lmm",
+        "titans_mal",
+        "titans_mag",
+        pytest.param(
+            "titans_selfmod",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="open (issue 15): at one layer self-modifying Titans has no token shift (no conv; q, k, v "
+                "are functions of x_t and the memories' states), so its memory cannot store x_t -> x_{t+1}; "
+                "second pass 2.77 with and without inner lrs (DeltaNet without conv behaves the same)",
+            ),
+        ),
+        "hope",
+    ],
 )
-@pytest.mark.parametrize("spec", ["titans_lmm", "titans_mal", "titans_mag", "titans_selfmod", "hope"])
 def test_in_context_learning_is_real(spec: str, icl_results: dict[str, tuple[float, float]]) -> None:
+    """The second pass of a repeated block is learned in context: at least 10% lower loss with the inner
+    lrs as trained than with them 0, and below 0.9 ln V (a model that only breaks when its inner lrs are
+    zeroed, such as a one-layer DeltaNet without conv at 2.66 against 3.88, does not count)."""
     learned, frozen = icl_results[spec]
+    print(f"{spec} second pass {learned:.3f} with inner lrs, {frozen:.3f} without")
     assert learned < 0.9 * frozen, f"{spec}: second pass {learned:.3f} with inner lrs, {frozen:.3f} without"
+    assert learned < 0.9 * math.log(ICL_VOCAB), f"{spec}: second pass {learned:.3f}, ln V = {math.log(ICL_VOCAB):.3f}"
 
 
 @pytest.mark.slow

@@ -165,10 +165,10 @@ class _Terms:
     right: Tensor
 
 
-def _apply_in(terms: list[_Terms], tau: Tensor, x: Tensor) -> Tensor:
+def _apply_in(terms: list[_Terms], tau: slice, x: Tensor) -> Tensor:
     """Σ terms of W2 (channel on the input/column axis) at states tau applied to x: (B,H,L,d) -> (B,H,L,h).
 
-    tau: (L,) the state index read by each query (row of x).
+    tau: the states read by the queries (rows of x), a slice of length L of the state indices 0..L.
     """
     out = None
     for t in terms:
@@ -183,7 +183,7 @@ def _apply_in(terms: list[_Terms], tau: Tensor, x: Tensor) -> Tensor:
     return out
 
 
-def _apply_out(terms: list[_Terms], tau: Tensor, x: Tensor) -> Tensor:
+def _apply_out(terms: list[_Terms], tau: slice, x: Tensor) -> Tensor:
     """Σ terms of W1 (channel on the output/row axis) at states tau applied to x: (B,H,L,h) -> (B,H,L,d)."""
     out = None
     for t in terms:
@@ -236,7 +236,6 @@ def _dgd_updates(plain: _Mix, W2e: Tensor, k: Tensor, k_hat: Tensor, u: Tensor, 
     triangular system (I + diag(η) A) W = -diag(η) (W2_e (Γ ∘ k̂) - Σ_r Dα η_r (k_r ∘ k̂) u_r) (WY/UT form).
     """
     length = k.shape[2]
-    idx = torch.arange(length, device=k.device)
     own = _Mix(plain.gamma[:, :, :length], plain.coef[:, :, :length], None)
     grad = _Terms(own, -lr[..., None] * u, k)
     if own.channel:
@@ -245,7 +244,7 @@ def _dgd_updates(plain: _Mix, W2e: Tensor, k: Tensor, k_hat: Tensor, u: Tensor, 
     else:
         base = own.gamma[..., None] * (k_hat @ W2e.transpose(-1, -2))
         A = own.coef * (k_hat @ k_hat.transpose(-1, -2))
-    rhs = -lr[..., None] * (base + _apply_in([grad], idx, k_hat))
+    rhs = -lr[..., None] * (base + _apply_in([grad], slice(0, length), k_hat))
     eye = torch.eye(length, dtype=k.dtype, device=k.device)
     return torch.linalg.solve_triangular(eye + lr[..., None] * A, rhs, upper=False, unitriangular=True)
 
@@ -281,7 +280,6 @@ def _segment(
         k_hat = torch.nn.functional.normalize(k, dim=-1)
         terms2.append(_Terms(plain, _dgd_updates(plain, W2e, k, k_hat, u, lr), k_hat))
 
-    tokens = torch.arange(length, device=q.device)
     if cfg.read == "boundary":
         W1r, W2r = lin
         if stop_delta is not None:
@@ -290,7 +288,7 @@ def _segment(
         p = activation(pre)
         z = p @ W1r.transpose(-1, -2)
     else:
-        tau = tokens + 1 if cfg.read == "online" else tokens
+        tau = slice(1, length + 1) if cfg.read == "online" else slice(0, length)
         gamma = mix.gamma[:, :, tau]
         if mix.channel:
             pre = (gamma * q) @ W2e.transpose(-1, -2)
@@ -387,7 +385,11 @@ def chunked(
     W1, W2, P1, P2, M1, M2 = carry.tensors()
     phase, done = carry.phase, carry.chunks_done
     outputs = []
-    for pos in range(0, steps, cfg.chunk):
+    # Blocks as views from one split (its backward is one concatenation, where slicing each block
+    # would materialise a full-length zero gradient per block and input: O(T²/C) work).
+    pieces = [x.split(cfg.chunk, dim=2) for x in (q, k, v, lr, log_a)]
+    beta_pieces = None if log_b is None else log_b.split(cfg.chunk, dim=2)
+    for number, pos in enumerate(range(0, steps, cfg.chunk)):
         end = min(pos + cfg.chunk, steps)
         length = end - pos
         local = torch.arange(length, device=device)
@@ -397,26 +399,31 @@ def chunked(
         stage_a = live & (local[None, :] < first[:, None])
         stage_b = live & (local[None, :] >= first[:, None])
         sl = slice(pos, end)
+        q_b, k_b, v_b, lr_b, la_b = (x[number] for x in pieces)
+        lb_b = None if beta_pieces is None else beta_pieces[number]
 
         def run(
-            enter: tuple[Tensor, Tensor, Tensor, Tensor], lin: tuple[Tensor, Tensor], active: Tensor, sl: slice = sl
+            enter: tuple[Tensor, Tensor, Tensor, Tensor],
+            lin: tuple[Tensor, Tensor],
+            active: Tensor,
+            blk: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None] = (q_b, k_b, v_b, lr_b, la_b, lb_b),
         ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-            mask = active[:, None]
+            qs, ks, vs, lrs, las, lbs = blk
             return _segment(
                 enter,
                 lin,
-                q[:, :, sl],
-                k[:, :, sl],
-                v[:, :, sl],
-                torch.where(mask, lr[:, :, sl], torch.zeros_like(lr[:, :, sl])),
-                _masked_logs(active, log_a[:, :, sl]),
-                None if log_b is None else _masked_logs(active, log_b[:, :, sl]),
+                qs,
+                ks,
+                vs,
+                torch.where(active[:, None], lrs, torch.zeros_like(lrs)),
+                _masked_logs(active, las),
+                None if lbs is None else _masked_logs(active, lbs),
                 active,
                 cfg,
                 stop_delta,
             )
 
-        out = q.new_zeros(q[:, :, sl].shape)
+        out = q.new_zeros(q_b.shape)
         if bool(stage_a.any()):
             out_a, (W1, W2, M1, M2) = run((W1, W2, M1, M2), (P1, P2), stage_a)
             out = torch.where(stage_a[:, None, :, None], out_a, out)
