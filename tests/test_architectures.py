@@ -663,7 +663,7 @@ def icl_results() -> dict[str, tuple[float, float]]:
                 strict=False,
                 reason="open (issue 15): at one layer self-modifying Titans has no token shift (no conv; q, k, v "
                 "are functions of x_t and the memories' states), so its memory cannot store x_t -> x_{t+1}; "
-                "second pass 2.77 with and without inner lrs (DeltaNet without conv behaves the same)",
+                "second pass 2.79 with and without inner lrs (DeltaNet without conv behaves the same)",
             ),
         ),
         "hope",
