@@ -301,11 +301,17 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
             continue
         key = (level.memory.kind, level.inner.kind)
         chunks = PARALLEL_FORMS.get(key, set())
-        channel = level.inner.retain.shape == "channel"
-        if not channel and (chunks is None or level.update.count in chunks):
+        nonlinear = key == ("matrix", "dgd") and level.objective.kind in ("lp", "huber")
+        if not nonlinear and (chunks is None or level.update.count in chunks):
             continue
-        why = "a per-channel retention" if channel else f"`{level.inner.kind}` on a {level.memory.kind} memory"
-        hint = "a per-head retention runs in parallel" if channel else NEAREST_PARALLEL.get(key, "use `gd`")
+        why = (
+            f"`{level.inner.kind}` with `{level.objective.kind}`"
+            if nonlinear
+            else f"`{level.inner.kind}` on a {level.memory.kind} memory"
+        )
+        if level.update.count == 1 and level.memory.kind == "mlp":
+            why = "an MLP memory updated every token"
+        hint = NEAREST_PARALLEL.get(key, "`gd`, `momentum_gd` (MLP) or `dgd` run in parallel")
         bag.warning(
             "W003",
             f"`{level.name}` has no parallel form here ({why}): it runs as a scan, token by token",

@@ -79,16 +79,18 @@ READ_MODES = ("online", "before", "boundary")
 DECAYS = ("after", "before")
 
 # The combinations this runtime runs in parallel (DESIGN §3); anything else runs as a scan, token by token.
-# (memory, optimizer) -> the chunk sizes with a parallel form (None: every chunk size).
+# (memory, optimizer) -> the chunk sizes with a parallel form (None: every chunk size). Retention may be per
+# head or per channel for all of them.
 PARALLEL_FORMS: dict[tuple[str, str], set[int] | None] = {
     ("matrix", "gd"): None,
+    ("matrix", "dgd"): None,
     ("mlp", "gd"): {c for c in range(2, 1 << 16)},
     ("mlp", "momentum_gd"): {c for c in range(2, 1 << 16)},
+    ("mlp", "dgd"): {c for c in range(2, 1 << 16)},
 }
 NEAREST_PARALLEL = {
     ("mlp", "gd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
     ("mlp", "momentum_gd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
-    ("matrix", "momentum_gd"): "`gd` with a per-head retention runs in parallel (WY/UT)",
-    ("matrix", "dgd"): "`gd` runs in parallel; DGD's WY form is not built yet",
-    ("mlp", "dgd"): "`gd` or `momentum_gd` on an MLP memory runs in parallel per chunk",
+    ("mlp", "dgd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
+    ("matrix", "momentum_gd"): "`gd` or `dgd` runs in parallel (WY/UT)",
 }

@@ -189,8 +189,11 @@ def test_parallel_form_scope() -> None:
     xs, xc = make(4, 0), make(4, 0, per_channel=True)
     state = MatrixMemoryState.initial(xs["init"], B)
     assert has_parallel_form(MatrixMemoryConfig("l2", "after", 4, "online"), xs["retain"], state)
-    assert not has_parallel_form(MatrixMemoryConfig("l2", "after", 4, "online"), xc["retain"], state)
-    assert not has_parallel_form(MatrixMemoryConfig("l2", "after", 4, "online", optimizer="dgd"), xs["retain"], state)
+    assert has_parallel_form(MatrixMemoryConfig("l2", "after", 4, "online"), xc["retain"], state)
+    assert has_parallel_form(MatrixMemoryConfig("l2", "after", 4, "online", optimizer="dgd"), xs["retain"], state)
+    assert not has_parallel_form(
+        MatrixMemoryConfig("l2", "after", 4, "online", optimizer="momentum_gd"), xs["retain"], state
+    )
 
 
 @pytest.mark.parametrize("fn", [scan, chunked], ids=["scan", "chunked"])

@@ -188,8 +188,9 @@ def test_parallel_form_scope() -> None:
     xs, xc = make(4, 0), make(4, 0, per_channel=True)
     assert has_parallel_form(MLPMemoryConfig(chunk=4), xs["retain"], None)
     assert has_parallel_form(MLPMemoryConfig(chunk=4, optimizer="momentum_gd"), xs["retain"], xs["beta"])
-    assert not has_parallel_form(MLPMemoryConfig(chunk=4, optimizer="dgd"), xs["retain"], None)
-    assert not has_parallel_form(MLPMemoryConfig(chunk=4), xc["retain"], None)
+    assert has_parallel_form(MLPMemoryConfig(chunk=4, optimizer="dgd"), xs["retain"], None)
+    assert has_parallel_form(MLPMemoryConfig(chunk=4), xc["retain"], None)  # per-channel α: parallel too
+    assert not has_parallel_form(MLPMemoryConfig(chunk=4, optimizer="newton_schulz"), xs["retain"], None)
 
 
 def test_per_channel_fallback_matches() -> None:
