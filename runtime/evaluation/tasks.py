@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,23 +56,23 @@ def _choice(options: list[int], count: int, gen: torch.Generator, *, distinct: b
     return [options[int(i)] for i in picks]
 
 
-class Task:
+class Task(ABC):
     """A family of generated examples and how their scores are summarised."""
 
     name = ""
     description = ""
 
+    @abstractmethod
     def examples(self, gen: torch.Generator) -> list[Example]:
         """The tiny evaluation set."""
-        raise NotImplementedError
 
+    @abstractmethod
     def training_example(self, gen: torch.Generator, budget: int) -> Example:
         """One training document of at most `budget` tokens (EOD included)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def summarize(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(table rows, headline) from one record per example (see `scoring.score_examples`)."""
-        raise NotImplementedError
 
 
 def _span_totals(records: list[dict[str, Any]], span: str) -> tuple[int, int, float]:

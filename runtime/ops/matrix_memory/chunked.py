@@ -325,9 +325,8 @@ def has_parallel_form(cfg: MatrixMemoryConfig, retain: Tensor, state: MatrixMemo
     Parallel: "gd" (any objective) and "dgd" ("dot", "l2"), with α per head or per channel.  A
     stream whose carried decay is per channel stays on the scan when fed a per-head α.
     """
-    if cfg.optimizer == "gd":
-        pass
-    elif cfg.optimizer != "dgd" or cfg.objective not in ("dot", "l2"):
+    linear_dgd = cfg.optimizer == "dgd" and cfg.objective in ("dot", "l2")
+    if cfg.optimizer != "gd" and not linear_dgd:
         return False
     return retain.dim() == 4 or state.log_decay.dim() == 2
 
