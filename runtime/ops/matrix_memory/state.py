@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -251,7 +252,17 @@ def scale_keys(x: Tensor, rate: Tensor) -> Tensor:
     return x * rate[..., None, :]
 
 
-def truncation_mask(phase: Tensor, chunks_done: Tensor, cfg: MatrixMemoryConfig, steps: int) -> Tensor:
+class Chunking(Protocol):
+    """What truncation needs of a memory's configuration (shared by the matrix and MLP memories)."""
+
+    @property
+    def chunk(self) -> int: ...
+
+    @property
+    def truncate_k(self) -> int: ...
+
+
+def truncation_mask(phase: Tensor, chunks_done: Tensor, cfg: Chunking, steps: int) -> Tensor:
     """(B,steps) bool: the state is detached just before token j of this call.
 
     Token j (counted from the call start) starts a chunk when (phase + j) mod C = 0; the number of

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..matrix_memory.state import truncation_mask
 from . import reference
 from .state import (
     MLPMemoryConfig,
@@ -58,7 +59,6 @@ from .state import (
     output_map,
     safe_log,
     token_gradients,
-    truncation_mask,
 )
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..matrix_memory.state import normalised
+from ..matrix_memory.state import normalised, stop_gradient
 from ..newton_schulz import newton_schulz
-from .state import MLPMemoryConfig, MLPMemoryState, apply_memory, stop_gradient, token_gradients
+from .state import MLPMemoryConfig, MLPMemoryState, apply_memory, token_gradients
 
 
 def scale_out(W1: Tensor, rate: Tensor) -> Tensor:

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..matrix_memory.state import DELTA_MOMENTUM_EPS, check_catalogue_numbers, objective_residual
+from ..matrix_memory.state import (  # shared with the matrix memory
+    DELTA_MOMENTUM_EPS,
+    check_catalogue_numbers,
+    init_rows,
+    objective_residual,
+)
 
 OBJECTIVES = ("dot", "l2", "lp", "huber")
 READS = ("online", "before", "boundary")
@@ -162,33 +167,9 @@ class MLPMemoryState:
         return first.replace(**fields)
 
 
-def init_rows(init: Tensor, batch: int) -> Tensor:
-    """An initial weight (H,m,n) or (B,H,m,n) broadcast to (B,H,m,n)."""
-    if init.dim() == 3:
-        return init.unsqueeze(0).expand(batch, *init.shape)
-    if init.dim() == 4 and init.shape[0] == batch:
-        return init
-    raise ValueError(f"init must be (H,m,n) or (B,H,m,n) with B={batch}, got {tuple(init.shape)}")
-
-
 def safe_log(rate: Tensor) -> Tensor:
     """log of a rate in (0, 1], clamped away from 0 so that differences of cumulative sums stay finite."""
     return torch.log(rate.clamp_min(_MIN_RATE))
-
-
-def stop_gradient(theta: Tensor, init: Tensor) -> Tensor:
-    """θ_init + sg(θ - θ_init)."""
-    start = init_rows(init, theta.shape[0])
-    return start + (theta - start).detach()
-
-
-def truncation_mask(phase: Tensor, chunks_done: Tensor, cfg: MLPMemoryConfig, steps: int) -> Tensor:
-    """(B,steps) bool: the whole state is detached just before token j of this call."""
-    pos = torch.arange(steps, device=phase.device)
-    offset = phase[:, None] + pos
-    count = chunks_done[:, None] + offset // cfg.chunk
-    starts = offset % cfg.chunk == 0
-    return starts & (count > 0) & (count % cfg.truncate_k == 0)
 
 
 # ---------------------------------------------------------------- the memory and its gradients
