@@ -23,11 +23,14 @@ from . import codes
 from .diagnostics import CompileError, Diagnostic, SourceMap, render, to_json
 from .ir.elaborate import ParamValue, suggest
 from .pipeline import Compilation, SpecError, SpecFileError, front_end, to_plan
+from .resources import require_fits
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
 FORMATS = click.Choice(["text", "json"])
 TRAIN_TASKS = ["mqar", "niah", "continual", "memorize"]
 EVAL_TASKS = ["mqar", "niah", "ppl", "continual", "memorize"]
+EVAL_TOKENS = 1024  # the longest sequence an evaluation task scores at once, for the memory estimate
+FORCE = click.option("--force", is_flag=True, help="Run even when the memory estimate exceeds what is available.")
 
 
 class UsageProblem(click.UsageError):
@@ -312,6 +315,7 @@ def explain(code: str, fmt: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@FORCE
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def train(
     spec: str,
@@ -325,6 +329,7 @@ def train(
     backend: str,
     resume: bool,
     progress: bool,
+    force: bool,
     fmt: str,
 ) -> None:
     """Train SPEC on a text corpus (or a generated task) with its outer optimizer levels.
@@ -340,6 +345,7 @@ def train(
     compilation, raw_settings = _compile(spec, sets, "text")
     settings = _train_settings(raw_settings, steps=steps, batch=batch, seq_len=seq_len)
     plan = to_plan(compilation)
+    require_fits(plan, settings.batch, settings.seq_len, training=True, force=force, what=f"training `{plan.system}`")
     env = distributed.setup()
     torch.manual_seed(settings.seed)
     model = CompiledModel(plan, backend=backend)
@@ -408,6 +414,7 @@ def train(
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
 @click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@FORCE
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def eval_cmd(
     spec: str,
@@ -418,6 +425,7 @@ def eval_cmd(
     out: str | None,
     sets: tuple[str, ...],
     backend: str,
+    force: bool,
     fmt: str,
 ) -> None:
     """Evaluate a trained checkpoint of SPEC on a generated task (mqar, niah, ppl, continual, memorize)."""
@@ -434,7 +442,7 @@ def eval_cmd(
     if task == "ppl" and data is None:
         raise UsageProblem("--task ppl needs --data FILE (held-out text)")
     compilation, _ = _compile(spec, sets, "text")
-    model, where = _load_trained(compilation, ckpt, backend)
+    model, where = _load_trained(compilation, ckpt, backend, EVAL_TOKENS, force)
     chosen = get_task(task, path=data) if task == "ppl" else get_task(task)
     result = evaluate(model_predictor(model), chosen, seed=seed, vocab=model.plan.vocab)
     result.update(spec=compilation.path, checkpoint=str(where))
@@ -445,10 +453,13 @@ def eval_cmd(
     _report(fmt, text, result)
 
 
-def _load_trained(compilation: Compilation, ckpt: str, backend: str) -> tuple[CompiledModel, Path]:
+def _load_trained(
+    compilation: Compilation, ckpt: str, backend: str, tokens: int, force: bool
+) -> tuple[CompiledModel, Path]:
     from nestc_runtime.evaluation import load_trained
 
     plan = to_plan(compilation)
+    require_fits(plan, 1, tokens, training=False, force=force, what=f"running `{plan.system}`")
     model = CompiledModel(plan, backend=backend)
     expected = {"system": plan.system, "source_hash": plan.source_hash, "params": plan.params}
     where = load_trained(model, ckpt, expected)
@@ -473,6 +484,7 @@ def _load_trained(compilation: Compilation, ckpt: str, backend: str) -> tuple[Co
 )
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
 @click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@FORCE
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def generate(
     spec: str,
@@ -485,6 +497,7 @@ def generate(
     state_path: str | None,
     sets: tuple[str, ...],
     backend: str,
+    force: bool,
     fmt: str,
 ) -> None:
     """Continue PROMPT with a trained checkpoint of SPEC; inner levels keep learning while it generates."""
@@ -497,7 +510,7 @@ def generate(
     if state_path is not None and not Path(state_path).parent.is_dir():
         raise UsageProblem(f"--state {state_path}: no such folder {str(Path(state_path).parent)!r}")
     compilation, _ = _compile(spec, sets, "text")
-    model, where = _load_trained(compilation, ckpt, backend)
+    model, where = _load_trained(compilation, ckpt, backend, len(prompt.encode()) + max_tokens, force)
     state, continued = None, False
     if state_path is not None and Path(state_path).exists():
         state, _ = load_state(state_path, model)

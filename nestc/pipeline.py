@@ -77,6 +77,9 @@ class _FragmentLoader:
         except (OSError, ValueError):  # e.g. a NUL byte in the string: no file can have that name
             self.bag.error("E030", f"cannot import {written!r}: not a valid file name", span)
             return None
+        if path.suffix != ".nest":  # never read (nor quote in a diagnostic) a file that is not a spec
+            self.bag.error("E030", f"cannot import {written!r}: not a .nest file", span, "imports name .nest files")
+            return None
         if path in self.stack:
             self.bag.error("E030", f'"{written}" imports itself (a cycle of imports)', span)
             return None

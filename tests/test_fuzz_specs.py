@@ -384,3 +384,114 @@ def test_diagnostics_do_not_depend_on_the_hash_seed() -> None:
         assert done.returncode == 1, done.stderr
         outputs.add(done.stdout)
     assert len(outputs) == 1, outputs
+
+
+# ---- every command, on mutated text and on mutated bytes -------------------------------------------------------
+#
+# The fuzzers above drive `check`; the ones below send mutants (token mutations, and byte mutations that may cut a
+# UTF-8 sequence in half) through every command that reads a spec: check, fmt, show, compile -o and viz -o. Each
+# example picks one command. The contract: exit 0 or 1 (2 only for a file that is not UTF-8 text), never 70, never
+# a traceback, and every rendered diagnostic starts with `file:line:col: error[E0NN]` (or `warning[...]`).
+
+DIAGNOSTIC_LINE = re.compile(r"^(?P<file>.+):(?P<line>\d+):(?P<col>\d+): (error|warning)\[[EW]\d{3}\]: ")
+COMMANDS = {
+    "check": ["check", "SPEC"],
+    "check-json": ["check", "SPEC", "--format", "json"],
+    "fmt": ["fmt", "--stdout", "SPEC"],
+    "fmt-check": ["fmt", "--check", "SPEC"],
+    "show": ["show", "SPEC", "--format", "json"],
+    "compile": ["compile", "SPEC", "-o", "OUT"],
+    "viz": ["viz", "SPEC", "-o", "OUT.dot"],
+}
+
+
+def _diagnostic_lines_have_positions(err: str) -> None:
+    """Every `error[...]`/`warning[...]` line of rendered diagnostics names file:line:col inside the file."""
+    for line in err.splitlines():
+        if re.search(r"(error|warning)\[[EW]\d{3}\]", line):
+            match = DIAGNOSTIC_LINE.match(line)
+            assert match, f"a diagnostic without file:line:col: {line!r}"
+            assert int(match["line"]) >= 1 and int(match["col"]) >= 1, line
+
+
+def run_command_on(
+    data: bytes, command: str, capsys: pytest.CaptureFixture[str], files: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """`nestc <command>` on `data` written as mutant.nest (next to `files`): asserts the exit-code contract."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in (files or HELPERS).items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_text(content, encoding="utf-8")
+        spec = Path(tmp) / "mutant.nest"
+        spec.write_bytes(data)
+        out_dir = Path(tmp) / "out"
+        args = [a.replace("SPEC", str(spec)).replace("OUT", str(out_dir)) for a in COMMANDS[command]]
+        capsys.readouterr()
+        code = main(args)
+        out, err = capsys.readouterr()
+    shown = f"nestc {' '.join(COMMANDS[command])} on {data[:2000]!r}"
+    assert "Traceback" not in out + err, f"{shown}\n{err}"
+    assert code != 70 and "internal error" not in err, f"{shown}\n{err}"
+    if code == 2:
+        assert "not UTF-8" in err, f"exit 2 for a readable spec: {shown}\n{err}"
+    else:
+        assert code in (0, 1), f"exit {code}: {shown}\n{err}"
+    if code == 1 and command in ("check-json", "show") and out.strip().startswith("["):
+        items = json.loads(out)
+        assert all(isinstance(i.get("line"), int) and isinstance(i.get("col"), int) for i in items), items
+    _diagnostic_lines_have_positions(err)
+    return code, out, err
+
+
+@st.composite
+def byte_mutants(draw: st.DrawFn, data: bytes) -> bytes:
+    """`data` after one to three byte-level mutations: a byte replaced, random bytes inserted, a run deleted,
+    a region duplicated, or the file cut short (possibly inside a multi-byte character)."""
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["replace", "insert", "delete", "duplicate", "truncate"]))
+        i = draw(st.integers(0, len(data)))
+        if kind == "replace" and i < len(data):
+            data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1 :]
+        elif kind == "insert":
+            data = data[:i] + draw(st.binary(min_size=1, max_size=8)) + data[i:]
+        elif kind == "delete":
+            data = data[:i] + data[i + draw(st.integers(1, 32)) :]
+        elif kind == "duplicate":
+            j = draw(st.integers(i, min(len(data), i + 64)))
+            data = data[:j] + data[i:j] + data[j:]
+        else:
+            data = data[:i]
+    return data
+
+
+UNICODE_SPEC = "# é ∂ 日本 \u202e\n" + SPECS.get("deltanet.nest", next(iter(SPECS.values())))
+
+
+@st.composite
+def text_mutants_for_commands(draw: st.DrawFn) -> tuple[bytes, str]:
+    name = draw(st.sampled_from(sorted(SPECS)))
+    text = draw(mutants(SPECS[name])) if draw(st.booleans()) else draw(planted())
+    return text.encode("utf-8", "surrogatepass"), draw(st.sampled_from(sorted(COMMANDS)))
+
+
+@st.composite
+def byte_mutants_for_commands(draw: st.DrawFn) -> tuple[bytes, str]:
+    seed = draw(st.sampled_from([*sorted(SPECS), "unicode"]))
+    text = UNICODE_SPEC if seed == "unicode" else SPECS[seed]
+    return draw(byte_mutants(text.encode("utf-8"))), draw(st.sampled_from(sorted(COMMANDS)))
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=700)
+@given(case=text_mutants_for_commands())
+def test_every_command_survives_mutated_specs(case: tuple[bytes, str], capsys: pytest.CaptureFixture[str]) -> None:
+    data, command = case
+    run_command_on(data, command, capsys)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=600)
+@given(case=byte_mutants_for_commands())
+def test_every_command_survives_mutated_bytes(case: tuple[bytes, str], capsys: pytest.CaptureFixture[str]) -> None:
+    data, command = case
+    run_command_on(data, command, capsys)
