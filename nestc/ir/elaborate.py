@@ -18,6 +18,7 @@ from . import models as ir
 
 ROLES: tuple[ir.Role, ...] = ("queries", "keys", "values", "targets")
 IN_CONTEXT_ONLY = {"memory", "queries", "keys", "values", "targets", "objective", "decay", "read", "outer gradient"}
+MAX_REPEAT = 1024  # `block * n` copies; instance names carry at most 4 index digits
 # A fragment loader: (path as written, span of the import) -> the fragment's AST, or None after an error.
 FragmentLoader = Callable[[str, Span], "ast.System | None"]
 ParamValue = float | int | str | list[float | int]
@@ -914,6 +915,9 @@ class Elaborator:
             self.bag.error("E016", "a repetition count must be a number or a parameter", e.right.span)
             return None
         count = self._positive_int(e.right, "a repetition count")
+        if count is not None and count > MAX_REPEAT:  # each copy is a set of modules: refuse a memory bomb early
+            self.bag.error("E016", f"a repetition count of {count}", e.right.span, f"at most {MAX_REPEAT} copies")
+            return None
         if body is None or count is None:
             return None
         label = e.left.id if isinstance(e.left, ast.Name) else "block"

@@ -13,6 +13,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from ..diagnostics import CompileError, Diagnostic, Source, Span
 from . import ast
 
+MAX_NAME = 64  # the IR's and the runtime plan's identifier patterns allow 64 characters
+
 # What users call the terminals lark names (lark would print LBRACE; people want `{`).
 FRIENDLY_TERMINALS = {
     "LBRACE": "`{`",
@@ -86,12 +88,29 @@ def parse(source: Source) -> ast.System:
         tree = _parser().parse(source.text)
     except UnexpectedInput as exc:
         raise CompileError([_syntax_diagnostic(exc, source)]) from None
+    _check_name_lengths(tree, source)
     try:
         system = _ToAst(source).transform(tree)
     except VisitError as exc:  # unwrap to the original error raised inside the transformer
         raise exc.orig_exc from None
     assert isinstance(system, ast.System)
     return system
+
+
+def _check_name_lengths(tree: Any, source: Source) -> None:
+    """Names reach the IR, plan files and generated kernels, which accept at most MAX_NAME characters."""
+    for token in tree.scan_values(lambda t: isinstance(t, Token) and t.type == "NAME" and len(t) > MAX_NAME):
+        start = token.start_pos or 0
+        raise CompileError(
+            [
+                Diagnostic(
+                    "E016",
+                    f"the name `{str(token)[:16]}...` is {len(token)} characters long",
+                    source.span(start, start + len(token)),
+                    f"names have at most {MAX_NAME} characters",
+                )
+            ]
+        )
 
 
 def _terminal_name(name: str) -> str:
