@@ -27,8 +27,12 @@ def load(path: str | Path, **params: float) -> System:
 def compile(spec: str | Path | System, backend: str = "auto", **params: float) -> CompiledModel:  # noqa: A001
     """Compile a spec file (or an already checked IR) into a runnable model.
 
-    `backend`: "reference" (the token-at-a-time oracle), "chunked" (the fast path) or "auto".
+    `backend`: "reference" (the token-at-a-time oracle), "chunked" (the fast path), "triton" (generated
+    kernels; a GPU, or TRITON_INTERPRET=1) or "auto" (triton on a GPU, else chunked).
     """
+    from .codegen import install
+
+    install()  # the runtime asks this compiler for the kernels it runs
     if isinstance(spec, System):
         if params:
             raise TypeError("parameters apply when compiling from a spec file; load the IR with them instead")

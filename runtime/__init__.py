@@ -20,9 +20,11 @@ def build(plan: Plan, backend: str = "auto") -> CompiledModel:
 
 def load(directory: str | Path, checkpoint: str | Path | None = None, backend: str = "auto") -> CompiledModel:
     """Load the plan in `directory`; with `checkpoint` (a `ckpt-*` directory), also its trained weights."""
+    from .kernels.source import add_kernel_dir
     from .training.checkpoint import load_checkpoint
     from .training.loop import restore_model
 
+    add_kernel_dir(Path(directory) / "kernels")  # the generated kernels `nestc compile -o` wrote
     model = CompiledModel(Plan.load(directory), backend=backend)
     if checkpoint is not None:
         tensors, _ = load_checkpoint(checkpoint)
