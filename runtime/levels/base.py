@@ -9,7 +9,7 @@ it on whole windows with the parallel op. One set of parameters serves both.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,7 @@ class Level(nn.Module, ABC):
         self.plan = plan
         self.instance = instance  # e.g. `memory[0]`: the key of its state and probe
         self.group: dict[str, str] = {}  # the levels it reads -> their instances (set by the model)
+        self.watch: Callable[[str, Tensor], None] | None = None  # sees each read: training/faults.py
         heads, dk, dv = plan.heads, plan.d_key, plan.d_value
         widths = {"queries": heads * dk, "keys": heads * dk, "values": heads * dv, "targets": heads * dv}
         # ModuleDict keys must not shadow its methods (`keys`, `values`): one word per role.
@@ -165,4 +166,6 @@ class Level(nn.Module, ABC):
         used = lengths if lengths is not None else torch.full_like(state.position, h.shape[1])
         if probe is not None:
             probe.update(x, output=out)
+        if self.watch is not None:
+            self.watch(self.instance, out)
         return out.transpose(1, 2).flatten(-2), LevelState(op_state, convs, state.position + used)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from ..errors import RuntimeInputError
+from . import faults
 from .checkpoint import CheckpointManager, CheckpointMissing, check_compatible, load_checkpoint
 from .data import EOD, BatchSampler, next_token_loss, split_holdout
 from .metrics import MetricsWriter, loss_curve_png, truncate_metrics
@@ -51,6 +52,9 @@ class TrainSettings(BaseModel):
     ckpt_every: int = Field(0, ge=0, description="steps between checkpoints; 0 saves only at the end")
     keep_checkpoints: int = Field(3, ge=1, description="how many of the newest checkpoints to keep")
     holdout: float = Field(0.0, ge=0, lt=1, description="fraction of the corpus held out (its tail)")
+    max_read: float = Field(
+        1e6, ge=0, description="stop when a level's read grows past this (exploding inner updates); 0: no limit"
+    )
 
 
 @dataclass
@@ -217,8 +221,10 @@ def _run_steps(
     try:
         for step in range(run.start_step + 1, settings.steps + 1):
             lr = _apply_schedule(optimizers, settings, step)
-            loss = _train_step(model, optimizers, params, sampler.next().to(device), settings, eod)
-            _check_finite(loss, step, manager)
+            window = sampler.next().to(device)
+            with faults.watching(model) as watch:
+                loss = _train_step(model, optimizers, params, window, settings, eod, watch)
+            _stop_on_fault(model, window[:, :-1], loss, watch, step, manager, settings)
             run.first_loss = loss if run.first_loss is None else run.first_loss
             run.last_loss = loss
             run.interval_losses.append(loss)
@@ -252,11 +258,13 @@ def _train_step(
     window: torch.Tensor,
     settings: TrainSettings,
     eod: int,
+    watch: faults.ReadWatch | None = None,
 ) -> float:
-    """One forward, backward, clip and update; returns the loss before the update."""
+    """One forward, backward, clip and update; returns the loss before the update. A non-finite loss, or a level
+    read past `settings.max_read`, skips the update (the caller stops the run)."""
     loss = next_token_loss(model(window[:, :-1]), window, eod)
     value = float(loss.item())
-    if not math.isfinite(value):
+    if not math.isfinite(value) or (watch is not None and not watch.within(settings.max_read)):
         return value
     for group in optimizers:
         group.optimizer.zero_grad(set_to_none=True)
@@ -268,16 +276,26 @@ def _train_step(
     return value
 
 
-def _check_finite(loss: float, step: int, manager: CheckpointManager) -> None:
-    if math.isfinite(loss):
+def _stop_on_fault(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    loss: float,
+    watch: faults.ReadWatch,
+    step: int,
+    manager: CheckpointManager,
+    settings: TrainSettings,
+) -> None:
+    """Stop the run (keeping the checkpoints) if the step's loss is not finite or a level's read exploded, naming
+    the level, token and step."""
+    fault = faults.check_step(model, inputs, loss, watch, step, settings.max_read)
+    if fault is None:
         return
-    kind = "NaN" if math.isnan(loss) else "infinite"
     last_good = manager.latest()
     keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
     raise RuntimeInputError(
-        f"loss became {kind} at step {step}",
+        fault.message(),
         path=str(manager.out_dir),
-        hint=f"lower the learning rate, add warm-up or keep grad_clip on, then resume; {keep}",
+        hint=f"lower the learning rate (inner or outer), add warm-up or keep grad_clip on, then resume; {keep}",
     )
 
 
