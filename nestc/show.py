@@ -18,11 +18,19 @@ def _memory(level: ir.Level) -> str:
     if memory is None:
         return "-"
     detail = {
-        "mlp": f"mlp(depth {memory.depth}, x{memory.expand:g}{', residual' if memory.residual else ''})",
+        "mlp": f"mlp(depth {memory.depth}{'' if memory.depth == 1 else f', x{memory.expand:g}'}"
+        f"{', residual' if memory.residual else ''}{'' if memory.norm == 'none' else ', ' + memory.norm})",
         "kv": f"kv(window {memory.window})" if memory.window else "kv",
         "persistent": f"persistent({memory.tokens})",
     }.get(memory.kind, memory.kind)
     return detail + (" per head" if memory.per_head else "")
+
+
+def _objective(level: ir.Level) -> str:
+    if level.objective is None:
+        return "-"
+    window = level.objective.window
+    return level.objective.kind + (f" (window {window})" if window and window > 1 else "")
 
 
 def _optimizer(level: ir.Level) -> str:
@@ -78,7 +86,7 @@ def level_table(system: ir.System) -> list[dict[str, Any]]:
             {
                 "instance": inst.name,
                 "memory": _memory(level),
-                "objective": level.objective.kind if level.objective else "-",
+                "objective": _objective(level),
                 "optimizer": _optimizer(level),
                 "frequency": level.update.describe(),
                 "read": _read(level),

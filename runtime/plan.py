@@ -63,6 +63,7 @@ class LevelPlan:
     delta: float | None = None  # objective huber's threshold δ (None: 1)
     steps: int | None = None  # newton_schulz's iterations (None: 5)
     lam: float | None = None  # delta_momentum's λ (None: 1)
+    window: int = 1  # the objective sums ℓ over the last `window` keys and values (Omega rule)
 
 
 @dataclass
@@ -223,7 +224,7 @@ def _validate_level(raw: dict[str, Any]) -> LevelPlan:
     for role, expr in level.exprs.items():
         _choice(role, {"queries", "keys", "values", "targets"})
         _validate_expr(expr)
-    for size in (level.heads, level.d_key, level.d_value, level.chunk, level.truncate_k):
+    for size in (level.heads, level.d_key, level.d_value, level.chunk, level.truncate_k, level.window):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"bad size {size!r}")
     return level

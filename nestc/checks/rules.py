@@ -300,15 +300,22 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
         if level.memory is None or level.inner is None or level.objective is None or level.objective.kind == "task":
             continue
         key = (level.memory.kind, level.inner.kind)
+        mapped = level.memory.kind == "mlp" and level.memory.depth == 1
+        if mapped:  # M(x) = [x +] [LN](W x) runs as a matrix memory with an output map
+            key = ("matrix", level.inner.kind)
         chunks = PARALLEL_FORMS.get(key, set())
-        nonlinear = key == ("matrix", "dgd") and level.objective.kind in ("lp", "huber")
-        if not nonlinear and (chunks is None or level.update.count in chunks):
+        nonlinear = key == ("matrix", "dgd") and (level.objective.kind in ("lp", "huber") or mapped)
+        # A windowed objective runs in parallel through `gd`'s virtual tokens only.
+        windowed = (level.objective.window or 1) > 1 and level.inner.kind != "gd"
+        if not nonlinear and not windowed and (chunks is None or level.update.count in chunks):
             continue
         why = (
             f"`{level.inner.kind}` with `{level.objective.kind}`"
             if nonlinear
             else f"`{level.inner.kind}` on a {level.memory.kind} memory"
         )
+        if windowed:
+            why = f"a windowed objective with `{level.inner.kind}`"
         if level.update.count == 1 and level.memory.kind == "mlp":
             why = "an MLP memory updated every token"
         hint = NEAREST_PARALLEL.get(key, "`gd`, `momentum_gd` (MLP) or `dgd` run in parallel")

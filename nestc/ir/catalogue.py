@@ -44,12 +44,15 @@ MEMORIES: dict[str, Signature] = {
 }
 
 OBJECTIVES: dict[str, Signature] = {
-    "dot": _sig(),
-    "l2": _sig(),
-    "lp": _sig("p"),
-    "huber": _sig("delta"),
+    "dot": _sig("window"),
+    "l2": _sig("window"),
+    "lp": _sig("p window"),
+    "huber": _sig("delta window"),
     "task": _sig(),
 }
+# Objective numbers that may be left out: `window = c` sums the loss over the last c keys and values (Atlas's
+# Omega rule); without it the objective sees the current token only.
+OPTIONAL_OBJECTIVE_NUMBERS = frozenset({"window"})
 
 INNER_OPTIMIZERS: dict[str, Signature] = {
     "gd": _sig(rates="lr retain", required="lr"),

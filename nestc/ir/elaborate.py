@@ -564,16 +564,18 @@ class Elaborator:
         target = self._objective_target(call, name)
         extra = ast.Call(call.fn, (), call.kwargs, call.span)
         args = self._arguments(extra, sig)
-        for needed in sorted(sig.numbers - args.keys()):
+        for needed in sorted(sig.numbers - cat.OPTIONAL_OBJECTIVE_NUMBERS - args.keys()):
             self.bag.error(
                 "E015",
                 f"`{kind}` needs `{needed} = ...`",
                 call.span,
                 f"e.g. `{kind}({name}(keys), values, {needed} = {'3' if needed == 'p' else '1'})`",
             )
+        window = self._int_arg(args["window"], "window", call) if "window" in args else None
         if target is None:
             return None
-        return ir.Objective(kind=kind, target=target, p=args.get("p"), delta=args.get("delta"))  # type: ignore[arg-type]
+        fields = {"p": args.get("p"), "delta": args.get("delta"), "window": window}
+        return ir.Objective(kind=kind, target=target, **fields)  # type: ignore[arg-type]
 
     def _objective_target(self, call: ast.Call, name: str) -> str | None:
         args = call.args

@@ -168,12 +168,14 @@ class Memory(_Model):
 
 
 class Objective(_Model):
-    """dot: −⟨M(k), v⟩; l2: ½‖M(k) − v‖²; lp: ‖M(k) − v‖_p^p / p; huber(δ); task: the outer loss."""
+    """dot: −⟨M(k), v⟩; l2: ½‖M(k) − v‖²; lp: ‖M(k) − v‖_p^p / p; huber(δ); task: the outer loss.
+    With `window = c` token t's loss is the sum over its document's last c keys and values (t−c+1 … t)."""
 
     kind: Literal["dot", "l2", "lp", "huber", "task"]
     target: Literal["values", "targets"] = "values"
     p: float | None = None
     delta: float | None = None
+    window: int | None = None  # Omega rule: ℓ_t sums the loss of the last `window` keys and values
 
 
 class InnerOptimizer(_Model):

@@ -54,8 +54,9 @@ def level_parameters(system: ir.System, level: ir.Level) -> int:
     memory = level.memory
     if memory.kind == "mlp":
         hidden = int(memory.expand * dh)
-        norm = {"none": 0, "rmsnorm": dh, "layernorm": 2 * dh}[memory.norm]
-        total += heads * (2 * dh * hidden * (memory.depth - 1) + norm)
+        # The memory's norm is parameter-free (its gain would be an outer parameter inside the inner model).
+        weights = dh * dh if memory.depth == 1 else 2 * dh * hidden * (memory.depth - 1)  # depth 1: W (d × d)
+        total += heads * weights
     elif memory.kind == "persistent":
         total += heads * memory.tokens * 2 * dh
     return total

@@ -71,11 +71,25 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             continue
         if memory.kind not in RUNTIME_MEMORIES:
             _unsupported(bag, f"memory `{memory.kind}`", level.spans.get("memory", where))
-        if memory.kind == "mlp" and (memory.depth != 2 or not memory.residual or memory.norm == "rmsnorm"):
+        two_layer = memory.depth == 2 and memory.residual
+        if memory.kind == "mlp" and (memory.depth not in (1, 2) or not (two_layer or memory.depth == 1)):
             _unsupported(
                 bag,
-                "an MLP memory other than a residual 2-layer one (norm none or layernorm)",
+                "an MLP memory other than depth 1 or a residual 2-layer one",
                 level.spans.get("memory", where),
+            )
+        if memory.kind == "mlp" and memory.norm == "rmsnorm":
+            what = "an MLP memory with `norm = rmsnorm` (none or layernorm run)"
+            _unsupported(bag, what, level.spans.get("memory", where))
+        if memory.kind == "mlp" and memory.depth == 2 and memory.activation != "silu":
+            what = f"an MLP memory with `activation = {memory.activation}` (silu runs)"
+            _unsupported(bag, what, level.spans.get("memory", where))
+        windowed = level.objective is not None and (level.objective.window or 1) > 1
+        if windowed and level.inner is not None and level.inner.kind == "dgd":
+            _unsupported(
+                bag,
+                "a windowed objective with `dgd` (its factor (αI − η k kᵀ) takes one key)",
+                level.spans.get("objective", where),
             )
         if memory.kind == "persistent" and level.update.unit != "step":
             _unsupported(bag, "a persistent memory that does not learn every step", level.spans.get("update", where))
@@ -189,6 +203,7 @@ def _level_plan(system: ir.System, level: ir.Level) -> LevelPlan:
         delta=level.objective.delta if level.objective else None,
         steps=inner.steps if inner else None,
         lam=inner.lam if inner else None,
+        window=(level.objective.window or 1) if level.objective else 1,
     )
 
 

@@ -3,6 +3,7 @@
 from ..plan import LevelPlan
 from .attention import AttentionLevel
 from .base import Level, LevelState, Probe, where_rows
+from .linear_mlp import LinearMLPLevel
 from .matrix import MatrixLevel
 from .mlp import MLPLevel
 from .task import TaskLevel
@@ -14,6 +15,8 @@ def level_class(plan: LevelPlan) -> type[Level]:
     """The class that runs a level: by memory kind, or the task-objective MLP (CMS)."""
     if plan.objective == "task":
         return TaskLevel
+    if plan.kind == "mlp" and plan.options.get("depth", 2) == 1:
+        return LinearMLPLevel  # M(x) = [x +] [LN](W x): a matrix memory with an output map
     return LEVELS[plan.kind]
 
 

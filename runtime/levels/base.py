@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import RuntimeInputError
 from ..expressions import Context, ConvStates, Expression, Reader
+from ..ops.memory_maps import windows
 from ..ops.sequence_layers import ConvState
 from ..plan import LevelPlan
 
@@ -74,9 +75,11 @@ def op_settings(plan: LevelPlan) -> dict[str, Any]:
         "delta": 1.0 if plan.delta is None else plan.delta,
         "steps": 5 if plan.steps is None else plan.steps,
         "lam": 1.0 if plan.lam is None else plan.lam,
+        "window": plan.window,
     }
 
 
+WINDOW = "window"  # the carried history of a windowed objective, kept beside the convolutions' histories
 ROLE_KEYS = {"queries": "query", "keys": "key", "values": "value", "targets": "target"}
 RATE_WIDTH = {"scalar": lambda heads, dk: 1, "head": lambda heads, dk: heads, "channel": lambda heads, dk: heads * dk}
 
@@ -116,6 +119,13 @@ class Level(nn.Module, ABC):
     def init_state(self, batch: int, like: Tensor) -> LevelState:
         expressions: dict[str, Expression] = {**self.exprs, **self.rates}  # type: ignore[dict-item]
         convs = {role: e.initial_conv_states(batch, like) for role, e in expressions.items()}
+        if self.plan.window > 1:  # the last c−1 keys and values of a windowed objective (zeros: none yet)
+            p = self.plan
+            past = (batch, p.heads, p.window - 1)
+            convs[WINDOW] = {
+                "keys": ConvState(like.new_zeros(*past, p.d_key)),
+                "values": ConvState(like.new_zeros(*past, p.d_value)),
+            }
         position = torch.zeros(batch, dtype=torch.int64, device=like.device)
         return LevelState(self.initial_op_state(batch, like), convs, position)
 
@@ -143,6 +153,11 @@ class Level(nn.Module, ABC):
             x["values"] = x.pop("targets").detach() if self.plan.stopgrad_targets else x.pop("targets")
         if "queries" not in x:  # a level read with its own input as the query (an MLP memory as a layer)
             x["queries"] = h.unflatten(-1, (heads, -1)).transpose(1, 2)
+        if self.plan.window > 1:  # each token's objective sees the stacks of the last c keys and values
+            convs[WINDOW] = {}
+            for role in ("keys", "values"):
+                x[role], history = windows(x[role], state.convs[WINDOW][role].history, lengths)
+                convs[WINDOW][role] = ConvState(history)
         for name, expr in self.rates.items():
             value, convs[name] = expr(h, positions, state.convs[name], lengths, context)
             shape = self.plan.rates[name].shape

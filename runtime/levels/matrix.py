@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
+from ..ops.memory_maps import run_memory
 from ..plan import LevelPlan
 from .base import Level, LevelState, op_settings
 
@@ -29,15 +30,4 @@ class MatrixLevel(Level):
         return torch.einsum("bhvk,bthk->bthv", boundary, q).flatten(-2)
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
-        op = scan if reference else chunked
-        return op(
-            x["queries"],
-            x["keys"],
-            x["values"],
-            x["lr"],
-            x["retain"],
-            op_state,
-            self.config,
-            lengths=lengths,
-            momentum=x.get("momentum"),
-        )
+        return run_memory(scan, chunked, x, op_state, self.config, lengths, reference)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..ops.memory_maps import run_memory
 from ..ops.mlp_memory import MLPMemoryConfig, MLPMemoryState, chunked, scan
 from ..ops.mlp_memory.state import apply_memory
 from ..plan import LevelPlan
@@ -43,15 +44,4 @@ class MLPLevel(Level):
         return apply_memory(W1, W2, x, self.config).transpose(1, 2).flatten(-2)
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
-        op = scan if reference else chunked
-        return op(
-            x["queries"],
-            x["keys"],
-            x["values"],
-            x["lr"],
-            x["retain"],
-            op_state,
-            self.config,
-            lengths=lengths,
-            momentum=x.get("momentum"),
-        )
+        return run_memory(scan, chunked, x, op_state, self.config, lengths, reference)

@@ -36,6 +36,9 @@ delta rule with w_i = -η_i (S_{i-1} k_i + e_i): the term S_{i-1} k_i couples to
 token of the block (plus, for "l2", the chunk-start term above), so W again solves one unit
 lower-triangular system per block; with a per-channel α the factor is diag(α_t) - η_t k_t k_tᵀ.
 
+An output map (M(x) = [x +] [LN](S x), ``memory_maps``) makes δ non-linear in the state: "gd" then takes
+the chunk-by-chunk ``_nonlinear_updates`` path, and the map is applied to every read at the end.
+
 Scope of the parallel form: optimizer "gd" (any objective) and "dgd" ("dot" and "l2"), with α per head
 or per channel.  Every other combination ("momentum_gd", "newton_schulz", "delta_momentum", "dgd" with
 "lp"/"huber", a per-head α fed to a stream whose carried decay is per channel) runs through
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..memory_maps import gradient_signal, memory_output
 from . import reference
 from .state import (
     MatrixMemoryConfig,
@@ -150,6 +154,8 @@ def _solve_updates(
     (α I - η k kᵀ)) couples every token to all earlier ones, as in the delta rule.
     """
     dgd = cfg.optimizer == "dgd"
+    if cfg.residual or cfg.norm:  # an output map: δ is not linear in the state
+        return _nonlinear_updates(blk, k, v, lr, carry, cfg)
     if cfg.objective == "dot" and not dgd:
         return lr[..., None] * v
     if cfg.objective not in ("dot", "l2"):
@@ -195,6 +201,9 @@ def _nonlinear_updates(
     batch, length = blk.lin_idx.shape
 
     def update(base: Tensor) -> Tensor:
+        if cfg.residual or cfg.norm:  # base is z = S k; δ = ∂ℓ/∂z through the output map
+            signal = gradient_signal(base, lambda y: _error(y, v, cfg), k, cfg.residual, cfg.norm, cfg.ln_eps)
+            return -lr[..., None] * signal
         return -lr[..., None] * objective_residual(base - v, cfg.objective, cfg.p, cfg.delta)
 
     in_block = blk.lin_idx >= 0
@@ -210,6 +219,11 @@ def _nonlinear_updates(
         mine = (blk.lin_idx == j)[:, None, :, None]
         W = torch.where(mine, update(base), W)
     return W
+
+
+def _error(y: Tensor, v: Tensor, cfg: MatrixMemoryConfig) -> Tensor:
+    """e = ∂ℓ/∂M(k) at the memory's output y."""
+    return -v if cfg.objective == "dot" else objective_residual(y - v, cfg.objective, cfg.p, cfg.delta)
 
 
 def _read(blk: _Block, q: Tensor, k: Tensor, W: Tensor, carry: MatrixMemoryState, cfg: MatrixMemoryConfig) -> Tensor:
@@ -325,8 +339,8 @@ def has_parallel_form(cfg: MatrixMemoryConfig, retain: Tensor, state: MatrixMemo
     Parallel: "gd" (any objective) and "dgd" ("dot", "l2"), with α per head or per channel.  A
     stream whose carried decay is per channel stays on the scan when fed a per-head α.
     """
-    linear_dgd = cfg.optimizer == "dgd" and cfg.objective in ("dot", "l2")
-    if cfg.optimizer != "gd" and not linear_dgd:
+    linear_dgd = cfg.optimizer == "dgd" and cfg.objective in ("dot", "l2") and not (cfg.residual or cfg.norm)
+    if cfg.window > 1 or (cfg.optimizer != "gd" and not linear_dgd):
         return False
     return retain.dim() == 4 or state.log_decay.dim() == 2
 
@@ -418,5 +432,7 @@ def chunked(
         # θ_τ = θ_init + sg(θ_τ - θ_init) for every read state, so o_t gains δ q_t.
         o = o + q @ delta.transpose(-1, -2)
         carry = _with_init_gradient(carry, delta, state.init)
+    if cfg.residual or cfg.norm:
+        o = memory_output(o, q, cfg.residual, cfg.norm, cfg.ln_eps)
     o = torch.where(valid[:, None, :, None], o, torch.zeros_like(o))
     return o, carry

@@ -17,6 +17,8 @@ For token t in the chunk starting at b (b a multiple of C from the document star
     m_t = m_{t-1} (α_t I - λ ĝ_tᵀ ĝ_t) - η_t g_t,  S_t = S_{t-1} + m_t,  ĝ = g / (‖g‖_F + ε)
                                                         (optimizer "delta_momentum", Eq. 48-49)
     o_t = S_τ q_t,   τ = t ("online"), t-1 ("before"), b-1 ("boundary")
+    (with an output map o_t = M_{S_τ}(q_t) and g_t = δ_t k_tᵀ; with a window g_t sums the last c terms:
+    ``runtime/ops/memory_maps.py``)
 
 A retention α_t of shape (B,H,dk) is per channel and acts on the key axis: α_t S means S·diag(α_t)
 (and α_b ⋯ α_t · S_{b-1} is S_{b-1}·diag(α_b ⊙ ⋯ ⊙ α_t)); the same holds for β_t on m.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..memory_maps import gradient_signal, memory_output
 from ..newton_schulz import newton_schulz
 from .state import (
     MatrixMemoryConfig,
@@ -72,12 +75,27 @@ def _entering_state(state: MatrixMemoryState, cfg: MatrixMemoryConfig, valid: Te
 
 
 def _inner_gradient(lin: Tensor, k_t: Tensor, v_t: Tensor, cfg: MatrixMemoryConfig) -> Tensor:
-    """g = e kᵀ with e = -v ("dot") or e = objective_residual(P k - v); shapes (B,H,dv,dk)."""
+    """g = e kᵀ with e = -v ("dot") or e = objective_residual(P k - v); shapes (B,H,dv,dk).
+
+    With an output map e is carried back through it (δ, ``memory_maps.gradient_signal``); with a window,
+    k_t and v_t are (B,H,c,d) stacks and g = Σ_j e_j k_jᵀ."""
+    keys = k_t if cfg.window > 1 else k_t[..., None, :]
+    values = v_t if cfg.window > 1 else v_t[..., None, :]
+    if cfg.residual or cfg.norm:
+        signal = gradient_signal(
+            keys @ lin.transpose(-1, -2), lambda y: _error(y, values, cfg), keys, cfg.residual, cfg.norm, cfg.ln_eps
+        )
+        return signal.transpose(-1, -2) @ keys
     if cfg.objective == "dot":
-        residual = -v_t
+        residual = -values
     else:
-        residual = objective_residual(torch.einsum("bhvk,bhk->bhv", lin, k_t) - v_t, cfg.objective, cfg.p, cfg.delta)
-    return residual[..., :, None] * k_t[..., None, :]
+        residual = objective_residual(keys @ lin.transpose(-1, -2) - values, cfg.objective, cfg.p, cfg.delta)
+    return residual.transpose(-1, -2) @ keys
+
+
+def _error(y: Tensor, v: Tensor, cfg: MatrixMemoryConfig) -> Tensor:
+    """e = ∂ℓ/∂M(k) at the memory's output y = M(k)."""
+    return -v if cfg.objective == "dot" else objective_residual(y - v, cfg.objective, cfg.p, cfg.delta)
 
 
 def step(
@@ -140,6 +158,8 @@ def step(
 
     read_from = {"online": S_new, "before": S, "boundary": P}[cfg.read]
     o_t = torch.einsum("bhvk,bhk->bhv", read_from, q_t)
+    if cfg.residual or cfg.norm:
+        o_t = memory_output(o_t, q_t, cfg.residual, cfg.norm, cfg.ln_eps)
 
     phase = state.phase + 1
     finished = phase == cfg.chunk

@@ -54,6 +54,10 @@ class MatrixMemoryConfig:
                        (ĝᵀĝ is dk×dk; α acts on the momentum, not on S).
     p: the exponent of "lp"; delta: the threshold δ of "huber"; steps: the Newton–Schulz iterations;
     lam: delta_momentum's λ; eps: delta_momentum's ε (default 1e-8).
+    residual, norm: an output map, M(x) = [x +] [LN](S x) (a depth-1 MLP memory, ``memory_maps``): the
+    gradient becomes δ kᵀ with δ = ∂ℓ/∂(S k) through the map; reads return M(q).
+    window: the objective sums ℓ over the last ``window`` keys and values (``memory_maps``); with
+    window > 1, k and v come as (..., window, d) stacks.  Not with "dgd" (its factor takes one key).
     A per-channel α (shape (..., dk)) acts on the key axis: S ← S·diag(α) (likewise β on m).
     ``decay="before"`` with ``dgd`` is an error: the DGD factor already carries α; likewise with
     ``delta_momentum``, whose α acts on the momentum (the state itself is not decayed).
@@ -71,9 +75,17 @@ class MatrixMemoryConfig:
     steps: int = 5
     lam: float = 1.0
     eps: float = DELTA_MOMENTUM_EPS
+    residual: bool = False
+    norm: bool = False
+    ln_eps: float = 1e-5
+    window: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("objective", self.objective, OBJECTIVES)
+        if isinstance(self.window, bool) or int(self.window) != self.window or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        if self.window > 1 and self.optimizer == "dgd":
+            raise ValueError('a windowed objective with optimizer "dgd" is not defined (its factor takes one key)')
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer == "dgd" and self.decay == "before":
             raise ValueError('decay "before" with optimizer "dgd" is an error: the DGD factor already carries α')

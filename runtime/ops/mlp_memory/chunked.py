@@ -67,7 +67,7 @@ def has_parallel_form(cfg: MLPMemoryConfig, retain: Tensor, momentum: Tensor | N
 
     Parallel: "gd", "dgd" and "momentum_gd" (with its β given), rates per head or per channel.
     """
-    if cfg.optimizer not in ("gd", "momentum_gd", "dgd") or retain.dim() not in (3, 4):
+    if cfg.window > 1 or cfg.optimizer not in ("gd", "momentum_gd", "dgd") or retain.dim() not in (3, 4):
         return False
     return cfg.optimizer != "momentum_gd" or (momentum is not None and momentum.dim() in (3, 4))
 

@@ -12,6 +12,7 @@ For token t in the chunk starting at b (b a multiple of C from the document star
     "delta_momentum": m_t = α_t m_{t-1} - λ m_{t-1} ĝ_tᵀ ĝ_t - η_t g_t,   W_t = W_{t-1} + m_t   (per weight
                     matrix, ĝ = g / (‖g‖_F + ε); ĝ1ᵀĝ1 is h×h for W1, ĝ2ᵀĝ2 is d×d for W2)
     o_t = M_{θ_τ}(q_t),   τ = t ("online"), t-1 ("before"), b-1 ("boundary")
+    (with a windowed objective g_t sums the gradients of the last c keys and values: ``memory_maps``)
 
 A per-channel α (or β) of shape (B,H,d) multiplies W2 on the input side (W2·diag(α)) and W1 on the
 output side (diag(α)·W1); delta_momentum's α acts on the momenta the same way (diag(α)·m1,
@@ -82,9 +83,11 @@ def step(
     P1 = torch.where(starting, W1, P1_in)
     P2 = torch.where(starting, W2, P2_in)
 
-    delta, s, u = (x[:, :, 0] for x in token_gradients(P1, P2, k_t[:, :, None], v_t[:, :, None], cfg))
-    g1 = delta[..., :, None] * s[..., None, :]
-    g2 = u[..., :, None] * k_t[..., None, :]
+    # With a windowed objective k_t, v_t are (B,H,c,d) stacks and each g sums its c rank-one terms.
+    keys = k_t if cfg.window > 1 else k_t[:, :, None]
+    delta, s, u = token_gradients(P1, P2, keys, v_t if cfg.window > 1 else v_t[:, :, None], cfg)
+    g1 = delta.transpose(-1, -2) @ s
+    g2 = u.transpose(-1, -2) @ keys
     eta = lr_t[..., None, None]
     N1, N2 = M1, M2
     if cfg.optimizer == "gd":

@@ -20,6 +20,7 @@ from ..matrix_memory.state import (  # shared with the matrix memory
     init_rows,
     objective_residual,
 )
+from ..memory_maps import layer_norm, layer_norm_backward  # shared with the matrix memory's output map
 
 OBJECTIVES = ("dot", "l2", "lp", "huber")
 READS = ("online", "before", "boundary")
@@ -51,6 +52,8 @@ class MLPMemoryConfig:
     p, delta: the "lp" exponent and the "huber" threshold; steps: Newton–Schulz iterations;
     lam, eps: delta_momentum's λ and ε.
     norm: M(x) = x + LN(W1 σ(W2 x)) with a parameter-free LayerNorm over d (eps ``ln_eps``).
+    window: the objective sums ℓ over the last ``window`` keys and values (``runtime/ops/memory_maps.py``);
+        with window > 1, k and v come as (B,H,T,window,d) stacks.  Not with "dgd".
     A per-channel α (B,H,T,d) acts on the model channels: W2 ← W2·diag(α), W1 ← diag(α)·W1.
     """
 
@@ -68,9 +71,14 @@ class MLPMemoryConfig:
     steps: int = 5
     lam: float = 1.0
     eps: float = DELTA_MOMENTUM_EPS
+    window: int = 1
 
     def __post_init__(self) -> None:
         check_catalogue_numbers(self.p, self.delta, self.steps, self.lam, self.eps)
+        if isinstance(self.window, bool) or int(self.window) != self.window or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        if self.window > 1 and self.optimizer == "dgd":
+            raise ValueError('a windowed objective with optimizer "dgd" is not defined (its factor takes one key)')
         for name, choices in (
             ("objective", OBJECTIVES),
             ("read", READS),
@@ -184,18 +192,6 @@ def activation_grad(a: Tensor) -> Tensor:
     """σ'(a) for SiLU: s(a) (1 + a (1 - s(a))), s the logistic function."""
     sig = torch.sigmoid(a)
     return sig * (1 + a * (1 - sig))
-
-
-def layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Parameter-free LayerNorm over the last axis: (n, r) with n = (z - mean) r, r = 1/√(var + eps)."""
-    centred = z - z.mean(-1, keepdim=True)
-    r = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
-    return centred * r, r
-
-
-def layer_norm_backward(e: Tensor, n: Tensor, r: Tensor) -> Tensor:
-    """∂/∂z of ⟨e, LN(z)⟩: r (e - mean(e) - n mean(e ⊙ n))."""
-    return r * (e - e.mean(-1, keepdim=True) - n * (e * n).mean(-1, keepdim=True))
 
 
 def apply_memory(W1: Tensor, W2: Tensor, x: Tensor, cfg: MLPMemoryConfig) -> Tensor:
