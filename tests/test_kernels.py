@@ -57,22 +57,26 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def _leaves(batch: int, heads: int, steps: int, d: int, dtype: torch.dtype, seed: int) -> list[Tensor]:
-    """q, k (unit norm), v, η ∈ (0, 0.6), α ∈ (0.9, 1) per head, θ_init: values representable in `dtype`."""
+    """q, k (unit norm), v, η ∈ (0, 0.6), α ∈ (0.9, 1) and β ∈ (0.5, 0.9) per head, θ_init: values representable
+    in `dtype` (β is used by momentum_gd only)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, steps, d, generator=g)
     k = torch.nn.functional.normalize(torch.randn(batch, heads, steps, d, generator=g), dim=-1)
     v = torch.randn(batch, heads, steps, d, generator=g)
     lr = 0.6 * torch.rand(batch, heads, steps, generator=g)
     retain = 1 - 0.1 * torch.rand(batch, heads, steps, generator=g)
+    beta = 0.5 + 0.4 * torch.rand(batch, heads, steps, generator=g)
     init = 0.3 * torch.randn(heads, d, d, generator=g)
-    return [x.to(dtype).to(torch.float64).requires_grad_() for x in (q, k, v, lr, retain, init)]
+    return [x.to(dtype).to(torch.float64).requires_grad_() for x in (q, k, v, lr, retain, beta, init)]
 
 
 def _run(op, leaves: list[Tensor], cfg: MatrixMemoryConfig, dtype: torch.dtype, lengths: Tensor | None = None):
-    q, k, v, lr, retain, init = (x.to(dtype) for x in leaves)
-    o, state = op(q, k, v, lr, retain, MatrixMemoryState.initial(init, q.shape[0]), cfg, lengths=lengths)
+    q, k, v, lr, retain, beta, init = (x.to(dtype) for x in leaves)
+    beta = beta if cfg.optimizer == "momentum_gd" else None
+    o, state = op(q, k, v, lr, retain, MatrixMemoryState.initial(init, q.shape[0]), cfg, lengths, momentum=beta)
     weights = torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)
     loss = (o.double() * weights).sum() + (state.S.double() * state.S.double().detach()).sum()
+    loss = loss + (state.momentum.double() * state.momentum.double().detach()).sum()
     return o, state, torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
 
 
@@ -89,17 +93,18 @@ def _compare(
     leaves = _leaves(batch, heads, steps, d, dtype, seed)
     o_ref, s_ref, g_ref = _run(scan, leaves, cfg, torch.float64, lengths)
     probe = MatrixMemoryState.initial(leaves[-1].detach().to(dtype), batch)
-    assert kernels.why_not(cfg, leaves[0].to(dtype), leaves[4].to(dtype), probe) is None
+    assert kernels.why_not(cfg, leaves[0].to(dtype), leaves[4].to(dtype), probe, leaves[5].to(dtype)) is None
     o, s, grads = _run(kernels.triton_chunked, leaves, cfg, dtype, lengths)
     out_tol, grad_tol = (F32_TOL, F32_TOL) if dtype == torch.float32 else (BF16_OUT_TOL, BF16_GRAD_TOL)
     assert o.dtype == dtype
     assert _rel(o, o_ref) <= out_tol
     assert _rel(s.S, s_ref.S) <= out_tol
+    assert _rel(s.momentum, s_ref.momentum) <= out_tol or cfg.optimizer != "momentum_gd"
     if cfg.chunk > 1:  # at C = 1 every chunk is complete: P and log_decay are never read again
         assert _rel(s.P, s_ref.P) <= out_tol
         assert _rel(s.log_decay, s_ref.log_decay) <= out_tol
     assert torch.equal(s.phase, s_ref.phase) and torch.equal(s.chunks_done, s_ref.chunks_done)
-    for name, got, want in zip(("q", "k", "v", "lr", "retain", "init"), grads, g_ref):
+    for name, got, want in zip(("q", "k", "v", "lr", "retain", "momentum", "init"), grads, g_ref):
         assert _rel(got, want) <= grad_tol, name
 
 
@@ -136,6 +141,27 @@ def test_chunk_kernels_equal_reference_fp32(objective: str, optimizer: str, deca
     _compare(_cfg(objective, optimizer, decay, read, 16), steps)
 
 
+# momentum_gd (Titans Eq. 13-14): per token (a coupled solve for `l2`) and one chunk per block.
+@pytest.mark.parametrize(
+    ("objective", "decay", "read", "chunk", "steps"),
+    [
+        ("l2", "after", "online", 16, 65),  # the Titans memory's optimizer on a matrix memory
+        ("l2", "before", "before", 16, 33),
+        ("dot", "before", "boundary", 16, 31),
+        ("l2", "before", "online", 1, 63),
+        ("dot", "after", "boundary", 1, 65),
+    ],
+)
+def test_momentum_kernels_equal_reference_fp32(objective: str, decay: str, read: str, chunk: int, steps: int):
+    _compare(_cfg(objective, "momentum_gd", decay, read, chunk), steps)
+
+
+def test_momentum_variable_length_batch():
+    """Padding is not a no-op for momentum_gd (S ← αS + m moves S even without a gradient): the kernel
+    stops each row at its own length."""
+    _compare(_cfg("l2", "momentum_gd", "after", "online", 1), 40, batch=2, lengths=torch.tensor([23, 40]))
+
+
 @pytest.mark.parametrize(("objective", "decay", "chunk"), [("l2", "before", 1), ("l2", "after", 16)])
 def test_kernels_equal_reference_bf16(objective: str, decay: str, chunk: int):
     _compare(_cfg(objective, "gd", decay, "online", chunk), 65, dtype=torch.bfloat16)
@@ -153,7 +179,7 @@ def test_stop_gradient_mode():
 def test_streaming_continues_the_state():
     """Two calls (64 then 37 tokens, the first ending at a chunk end) equal one call of 101."""
     cfg = _cfg("l2", "gd", "before", "online", 16)
-    q, k, v, lr, retain, init = (x.detach().float() for x in _leaves(1, 2, 101, 16, torch.float32, 3))
+    q, k, v, lr, retain, _, init = (x.detach().float() for x in _leaves(1, 2, 101, 16, torch.float32, 3))
     whole, end = kernels.triton_chunked(q, k, v, lr, retain, MatrixMemoryState.initial(init, 1), cfg)
     state = MatrixMemoryState.initial(init, 1)
     parts = []
@@ -166,7 +192,7 @@ def test_streaming_continues_the_state():
 
 
 def test_calls_without_a_kernel_say_why_and_run_the_chunked_path():
-    q, k, v, lr, retain, init = (x.detach().float() for x in _leaves(1, 2, 8, 16, torch.float32, 4))
+    q, k, v, lr, retain, _, init = (x.detach().float() for x in _leaves(1, 2, 8, 16, torch.float32, 4))
     state = MatrixMemoryState.initial(init, 1)
     cfg = _cfg("l2", "gd", "after", "online", 4)
     assert kernels.why_not(cfg, q, retain, state) == "no kernel for chunk 4 (kernels: 1, 16, 32, 64)"
@@ -182,7 +208,7 @@ def test_custom_op_registrations():
 
     cfg = _cfg("l2", "gd", "before", "online", 16)
     key = kernels.kernel_key(cfg, 16, 16, torch.float32).text()
-    q, k, v, lr, retain, init = (x.detach().float() for x in _leaves(1, 1, 16, 16, torch.float32, 5))
+    q, k, v, lr, retain, _, init = (x.detach().float() for x in _leaves(1, 1, 16, 16, torch.float32, 5))
     args = (key, q, k, v, lr, torch.log(retain), init[None].clone())
     leaves = [x.requires_grad_() for x in args[1:]]
     torch.library.opcheck(matrix_memory_forward, (key, *leaves), test_utils=("test_schema", "test_faketensor"))
@@ -192,6 +218,7 @@ def test_torch_compile_traces_through_the_kernel():
     """A compiled function with the kernel inside (fullgraph: no graph break), forward and backward."""
     cfg = _cfg("dot", "gd", "after", "online", 16)
     leaves = [x.detach().float().requires_grad_() for x in _leaves(1, 2, 20, 16, torch.float32, 6)]
+    del leaves[5]  # no momentum rate
 
     def loss(q, k, v, lr, retain, init):
         o, state = kernels.triton_chunked(q, k, v, lr, retain, MatrixMemoryState.initial(init, 1), cfg)

@@ -28,15 +28,18 @@ SNAPSHOT_KEYS = [
     "matrix-l2-gd-after-boundary-c16-bt16-dk32-dv32-fp32",  # a chunked (Titans-style) matrix memory
     "matrix-l2-dgd-after-before-c1-bt64-dk64-dv64-fp32",  # DGD
     "matrix-dot-dgd-after-online-c64-bt64-dk64-dv64-fp32",
+    "matrix-l2-momentum_gd-after-online-c16-bt16-dk64-dv64-fp32",  # Titans' optimizer on a matrix memory
+    "matrix-l2-momentum_gd-before-before-c1-bt64-dk64-dv64-bf16",
 ]
 # The Triton language API the templates may use: all of it exists in Triton 3.6 (the GPU machines) and 3.9.
-TRITON_36_API = {"arange", "load", "store", "dot", "trans", "where", "exp", "sum", "zeros", "program_id", "float32"}
+TRITON_36_API = {"arange", "load", "store", "dot", "trans", "where", "exp", "sum", "zeros", "full", "program_id"}
+TRITON_36_API |= {"float32"}
 
 
 def _all_keys() -> list[MatrixKernelKey]:
     keys = []
     for objective, optimizer, decay, read, (chunk, block), dtype in itertools.product(
-        ("dot", "l2"), ("gd", "dgd"), ("after", "before"), ("online", "before", "boundary"),
+        ("dot", "l2"), ("gd", "dgd", "momentum_gd"), ("after", "before"), ("online", "before", "boundary"),
         ((1, 64), (1, 16), (16, 16), (64, 64)), ("fp32", "bf16"),
     ):  # fmt: skip
         if optimizer == "dgd" and decay == "before":
@@ -142,6 +145,8 @@ AOT_KEYS = [  # one key per path through the template, small shapes (ptxas time 
     "matrix-dot-dgd-after-before-c1-bt16-dk16-dv16-fp32",
     "matrix-l2-gd-before-boundary-c16-bt16-dk16-dv16-fp32",
     "matrix-l2-dgd-after-online-c16-bt16-dk16-dv32-bf16",
+    "matrix-l2-momentum_gd-before-online-c1-bt16-dk16-dv16-fp32",
+    "matrix-dot-momentum_gd-after-before-c16-bt16-dk16-dv16-bf16",
 ]
 AOT_SCRIPT = """
 import importlib.util, json, sys, tempfile
@@ -161,14 +166,11 @@ for text in sys.argv[1:]:
     sys.modules[key.digest()] = module
     spec.loader.exec_module(module)
     io = "*bf16" if key.dtype == "bf16" else "*fp32"
-    f32 = "*fp32"
-    tensors = {
-        "forward_kernel": [io, io, io, f32, f32, f32, io, f32, f32],
-        "backward_kernel": [io, io, io, f32, f32, f32, io, f32, f32, io, io, io, f32, f32, f32],
-    }
-    for name, pointers in tensors.items():
+    kinds = {"q": io, "k": io, "v": io, "o": io, "do": io, "dq": io, "dk": io, "dv": io}
+    kinds.update(lengths="*i32", T="i32", NB="i32")
+    for name in ("forward_kernel", "backward_kernel"):
         fn = getattr(module, name)
-        signature = dict(zip(fn.arg_names, pointers + ["i32", "i32"]))
+        signature = {arg: kinds.get(arg, "*fp32") for arg in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs={})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         out[f"{text}:{name}"] = sorted(compiled.asm)

@@ -28,7 +28,7 @@ def level_keys(level: LevelPlan) -> list[GeneratedKernel]:
     """The kernels a level runs on a GPU (one per dtype), or none when no kernel covers its combination."""
     if level.kind != "matrix" or (level.objective or "l2") not in ("dot", "l2"):
         return []
-    if (level.optimizer or "gd") not in ("gd", "dgd") or block_for_chunk(level.chunk) is None:
+    if (level.optimizer or "gd") not in ("gd", "dgd", "momentum_gd") or block_for_chunk(level.chunk) is None:
         return []
     if any(rate.shape == "channel" for rate in level.rates.values()) or level.gradient == "truncate":
         return []

@@ -103,9 +103,34 @@ def sections_of(source: str) -> tuple[Section, ...]:
     return tuple(Section(statement, first, last) for (first, statement), last in zip(marks, ends))
 
 
+def _momentum_context(key: MatrixKernelKey) -> dict[str, object]:
+    """`momentum_gd`: its own template (two carried states); the snippets that differ between keys."""
+    token = key.per_token
+    ones = f"tl.full([{key.block}], 1.0, tl.float32)"
+    return {
+        "key_text": key.text(),
+        "BT": key.block,
+        "DK": key.d_key,
+        "DV": key.d_value,
+        "precision": "ieee" if key.dtype == "fp32" else "tf32",
+        "objective": key.objective,
+        "decay": key.decay,
+        "read": key.read,
+        "token": token,
+        "need_before": (token and key.objective == "l2") or key.read == "before" or (token and key.read == "boundary"),
+        "need_online": key.read == "online",
+        "rho": "tl.exp(la)" if key.decay == "before" else ones,
+        "lam": "tl.exp(g_out)" if key.decay == "before" else ones,
+    }
+
+
 @functools.lru_cache(maxsize=256)
 def render_matrix(key: MatrixKernelKey) -> GeneratedKernel:
     """The Triton module for a matrix-memory key (cached by key)."""
-    source = _environment().get_template("matrix_memory.py.jinja").render(**_matrix_context(key))
+    if key.optimizer == "momentum_gd":
+        template, context = "matrix_momentum.py.jinja", _momentum_context(key)
+    else:
+        template, context = "matrix_memory.py.jinja", _matrix_context(key)
+    source = _environment().get_template(template).render(**context)
     source = INNER_BLANK.sub("\n", source)  # a macro's closing newline inside a loop body
     return GeneratedKernel(key, source, sections_of(source))

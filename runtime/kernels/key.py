@@ -6,10 +6,10 @@ looks the source up by its digest. Its text form is a fixed sequence of validate
 generated source, and the runtime can rebuild a key from a custom op's string argument.
 
 Scope of the kernels (everything else runs on the chunked PyTorch path):
-- objective `dot` or `l2`, optimizer `gd` (decay after or before) or `dgd` (decay after);
+- objective `dot` or `l2`, optimizer `gd` or `momentum_gd` (decay after or before) or `dgd` (decay after);
 - update every token (C = 1, the WY/UT within-block solve over blocks of `block` tokens) or every C
   tokens with C = block (one chunk per block: the linearisation point is the block's start state);
-- retention per head or scalar (not per channel); reads online, before or boundary;
+- retention (and momentum rate) per head or scalar, not per channel; reads online, before or boundary;
 - head dims 16, 32, 64 or 128; float32 (tl.dot in IEEE fp32) or bfloat16 inputs (computed in fp32).
 """
 
@@ -19,7 +19,7 @@ import hashlib
 from dataclasses import dataclass
 
 OBJECTIVES = ("dot", "l2")
-OPTIMIZERS = ("gd", "dgd")
+OPTIMIZERS = ("gd", "dgd", "momentum_gd")
 DECAYS = ("after", "before")
 READS = ("online", "before", "boundary")
 DTYPES = ("fp32", "bf16")

@@ -1,8 +1,8 @@
 """The matrix-memory op on generated Triton kernels: the contract of `reference.scan` and `chunked.chunked`.
 
-`kernel_key` says whether a call has a kernel (and which); `why_not` says why not. Calls without one run
+`kernel_key` names a call's kernel; `why_not` says why a call has none. Calls without one run
 the chunked PyTorch path, which computes the same thing. What a kernel covers (runtime/kernels/key.py):
-`dot`/`l2` with `gd` (decay after or before) or `dgd`; C = 1 or C = the kernel block (16, 32, 64);
+`dot`/`l2` with `gd` or `momentum_gd` (decay after or before) or `dgd`; C = 1 or C = the kernel block (16, 32, 64);
 retention per head or scalar; outer gradient `through` or `stop` (truncation runs the chunked path); a
 call that starts a chunk (phase 0 in every row, as every whole-sequence call does); float32 or bfloat16.
 
@@ -58,12 +58,16 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def why_not(cfg: MatrixMemoryConfig, q: Tensor, retain: Tensor, state: MatrixMemoryState) -> str | None:
+def why_not(
+    cfg: MatrixMemoryConfig, q: Tensor, retain: Tensor, state: MatrixMemoryState, momentum: Tensor | None = None
+) -> str | None:
     """Why this call has no generated kernel, or None when it has one."""
+    uses_momentum = cfg.optimizer == "momentum_gd"
     checks = [
         (getattr(cfg, "window", 1) == 1, "a windowed objective"),
         (cfg.objective in ("dot", "l2"), f"objective {cfg.objective}"),
-        (cfg.optimizer in ("gd", "dgd"), f"optimizer {cfg.optimizer}"),
+        (cfg.optimizer in ("gd", "dgd", "momentum_gd"), f"optimizer {cfg.optimizer}"),
+        (not uses_momentum or (momentum is not None and momentum.dim() == 3), "a per-channel momentum rate"),
         (block_for_chunk(cfg.chunk) is not None, f"chunk {cfg.chunk} (kernels: 1, {', '.join(map(str, BLOCKS))})"),
         (cfg.grad in ("through", "stop"), f"outer gradient {cfg.grad}"),
         (retain.dim() == 3 and state.log_decay.dim() == 2, "per-channel retention"),
@@ -104,7 +108,13 @@ def kernel_key(cfg: MatrixMemoryConfig, d_key: int, d_value: int, dtype: torch.d
 
 
 def _carry(
-    state: MatrixMemoryState, s_end: Tensor, h: Tensor, log_retain: Tensor, lengths: Tensor, cfg: MatrixMemoryConfig
+    state: MatrixMemoryState,
+    s_end: Tensor,
+    h: Tensor,
+    log_retain: Tensor,
+    lengths: Tensor,
+    cfg: MatrixMemoryConfig,
+    m_end: Tensor | None = None,
 ) -> MatrixMemoryState:
     """The state after each row's last valid token (rows that consumed nothing keep theirs)."""
     consumed = lengths > 0
@@ -126,7 +136,7 @@ def _carry(
         phase=offset % cfg.chunk,
         chunks_done=state.chunks_done + offset // cfg.chunk,
         init=state.init,
-        momentum=state.momentum,
+        momentum=state.momentum if m_end is None else m_end,
     )
 
 
@@ -149,9 +159,9 @@ def triton_chunked(
     momentum: Tensor | None = None,
 ) -> tuple[Tensor, MatrixMemoryState]:
     """Same contract as `chunked.chunked`; runs the generated kernel where one exists, else `chunked`."""
-    if why_not(cfg, q, retain, state) is not None:
+    if why_not(cfg, q, retain, state, momentum) is not None:
         return chunked(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
-    from ...kernels.matrix_ops import matrix_memory_forward
+    from ...kernels.matrix_ops import matrix_memory_forward, matrix_momentum_forward
 
     batch, _, steps, _ = q.shape
     if lengths is None:
@@ -163,9 +173,20 @@ def triton_chunked(
         k, v, lr, retain = k.detach(), v.detach(), lr.detach(), retain.detach()
     eta = torch.where(valid[:, None], lr.float(), 0.0)
     log_retain = torch.where(valid[:, None], safe_log_retain(retain.float()), 0.0)
-    key = kernel_key(cfg, q.shape[-1], v.shape[-1], q.dtype)
-    o, s_end, h = matrix_memory_forward(key.text(), q, k, v.to(q.dtype), eta, log_retain, carry.S)
-    new_state = _carry(carry, s_end, h, log_retain, lengths, cfg)
+    key = kernel_key(cfg, q.shape[-1], v.shape[-1], q.dtype).text()
+    if cfg.optimizer == "momentum_gd":
+        assert momentum is not None
+        beta = momentum.detach() if stop else momentum
+        log_beta = torch.where(valid[:, None], safe_log_retain(beta.float()), 0.0)
+        rows = lengths.to(torch.int32).repeat_interleave(q.shape[1])  # per (batch row, head)
+        m0 = carry.momentum
+        o, s_end, m_end, h, _ = matrix_momentum_forward(
+            key, q, k, v.to(q.dtype), eta, log_retain, log_beta, carry.S, m0, rows
+        )
+        new_state = _carry(carry, s_end, h, log_retain, lengths, cfg, m_end)
+    else:
+        o, s_end, h = matrix_memory_forward(key, q, k, v.to(q.dtype), eta, log_retain, carry.S)
+        new_state = _carry(carry, s_end, h, log_retain, lengths, cfg)
     if stop:
         start = init_rows(state.init, batch)
         delta = start - start.detach()
