@@ -102,10 +102,15 @@ def _console() -> Any:
 
 
 def _compile(
-    spec: str, sets: Sequence[str], fmt: str, seq_len: int | None = None
+    spec: str,
+    sets: Sequence[str],
+    fmt: str,
+    seq_len: int | None = None,
+    base_params: dict[str, ParamValue] | None = None,
 ) -> tuple[Compilation, dict[str, str]]:
+    """Compile SPEC with its parameters from `base_params` (a config file, a tokenizer's vocab), then --set."""
     params, settings = _parse_sets(sets)
-    compilation = front_end(spec, params, seq_len)
+    compilation = front_end(spec, {**(base_params or {}), **params}, seq_len)
     if compilation.warnings and fmt == "text":
         _print_diagnostics(compilation.warnings, compilation.sources, fmt)
     return compilation, settings
@@ -301,8 +306,17 @@ def explain(code: str, fmt: str) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(exists=True), default=None, help="A text file or a folder of them.")
 @click.option("--task", type=click.Choice(TRAIN_TASKS), default=None, help="Train on a generated task instead.")
-@click.option("--steps", type=click.IntRange(min=1), required=True)
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (or train.steps; 1000).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (required to train).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Run settings and spec parameters from a TOML file ([train], [optim], [spec]).",
+)
+@click.option("--print-config", is_flag=True, help="Print the resolved settings as TOML (for --config) and exit.")
+@click.option("--tokenizer", default=None, help="byte (default) or tiktoken:<encoding>, e.g. tiktoken:cl100k_base.")
 @click.option(
     "--set",
     "sets",
@@ -321,8 +335,11 @@ def train(
     spec: str,
     data: str | None,
     task: str | None,
-    steps: int,
-    out: str,
+    steps: int | None,
+    out: str | None,
+    config_path: str | None,
+    print_config: bool,
+    tokenizer: str | None,
     sets: tuple[str, ...],
     batch: int | None,
     seq_len: int | None,
@@ -340,11 +357,20 @@ def train(
     from nestc_runtime.training import distributed, load_corpus, make_sampler
     from nestc_runtime.training import train as run_training
 
+    flags = {"steps": steps, "batch": batch, "seq_len": seq_len, "tokenizer": tokenizer}
+    compilation, settings, text_tokenizer = _resolve_train(spec, config_path, sets, flags)
+    plan = to_plan(compilation)
+    if print_config:
+        from .train_config import to_toml
+
+        click.echo(to_toml(settings, compilation.system.params, spec), nl=False)
+        return
     if (data is None) == (task is None):
         raise UsageProblem("give either --data FILE (a text corpus) or --task NAME (generated data)")
-    compilation, raw_settings = _compile(spec, sets, "text")
-    settings = _train_settings(raw_settings, steps=steps, batch=batch, seq_len=seq_len)
-    plan = to_plan(compilation)
+    if out is None:
+        raise UsageProblem("give --out DIR, the run directory")
+    if task is not None and text_tokenizer.name != "byte":
+        raise UsageProblem(f"--task data is byte-level; the tokenizer {text_tokenizer.name} applies to --data text")
     require_fits(plan, settings.batch, settings.seq_len, training=True, force=force, what=f"training `{plan.system}`")
     env = distributed.setup()
     torch.manual_seed(settings.seed)
@@ -355,13 +381,14 @@ def train(
         sampler: Any = TaskSampler(get_task(task), settings.batch, settings.seq_len, settings.seed)
         source = f"task {task} (generated)"
     else:
-        tokens = load_corpus(data)  # type: ignore[arg-type]
+        tokens = load_corpus(data, tokenizer=text_tokenizer)  # type: ignore[arg-type]
         sampler, _ = make_sampler(tokens, settings)
         source = f"{data} ({tokens.numel():,} tokens)"
     directory = Path(out)
     if env.is_main:
         plan.save(directory)
     meta = {"system": plan.system, "source_hash": plan.source_hash, "params": plan.params}
+    meta["tokenizer"] = text_tokenizer.name  # eval and generate read it back
     if task is not None:
         meta["task"] = task
     n_params = sum(p.numel() for p in model.parameters())
@@ -441,9 +468,13 @@ def eval_cmd(
         raise UsageProblem(f"--out {out}: no such folder {str(Path(out).parent)!r}")
     if task == "ppl" and data is None:
         raise UsageProblem("--task ppl needs --data FILE (held-out text)")
-    compilation, _ = _compile(spec, sets, "text")
+    tokenizer = _checkpoint_tokenizer(ckpt)
+    if task != "ppl" and tokenizer.name != "byte":
+        raise UsageProblem(f"--task {task} is byte-level; this checkpoint's tokenizer is {tokenizer.name} (ppl only)")
+    explicit_vocab = "vocab" in _parse_sets(sets)[0]
+    compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, explicit_vocab)
     model, where = _load_trained(compilation, ckpt, backend, EVAL_TOKENS, force)
-    chosen = get_task(task, path=data) if task == "ppl" else get_task(task)
+    chosen = get_task(task, path=data, tokenizer=tokenizer) if task == "ppl" else get_task(task)
     result = evaluate(model_predictor(model), chosen, seed=seed, vocab=model.plan.vocab)
     result.update(spec=compilation.path, checkpoint=str(where))
     if out is not None:
@@ -503,19 +534,20 @@ def generate(
     """Continue PROMPT with a trained checkpoint of SPEC; inner levels keep learning while it generates."""
     from nestc_runtime.generation import generate as sample
     from nestc_runtime.generation import load_state, save_state
-    from nestc_runtime.training import ByteTokenizer
 
     if not prompt:
         raise UsageProblem("--prompt must not be empty")
     if state_path is not None and not Path(state_path).parent.is_dir():
         raise UsageProblem(f"--state {state_path}: no such folder {str(Path(state_path).parent)!r}")
-    compilation, _ = _compile(spec, sets, "text")
+    tokenizer = _checkpoint_tokenizer(ckpt)  # the one the checkpoint was trained with
+    compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, "vocab" in _parse_sets(sets)[0])
     model, where = _load_trained(compilation, ckpt, backend, len(prompt.encode()) + max_tokens, force)
     state, continued = None, False
+    history: list[list[int]] | None = []  # the stream's calls, kept for models whose records need a replay
     if state_path is not None and Path(state_path).exists():
-        state, _ = load_state(state_path, model)
+        state, saved = load_state(state_path, model)
         continued = True
-    tokenizer = ByteTokenizer()
+        history = saved.get("history") if isinstance(saved.get("history"), list) else None
     new, state = sample(
         model,
         tokenizer.encode(prompt),
@@ -524,9 +556,10 @@ def generate(
         top_k=top_k,
         seed=seed,
         state=state,
+        history=history,
     )
     if state_path is not None:
-        save_state(state_path, model, state)
+        save_state(state_path, model, state, history=history)
     text = tokenizer.decode(new)
     data = {
         "prompt": prompt,
@@ -544,27 +577,82 @@ def generate(
             click.echo(f"state {'continued and ' if continued else ''}saved to {state_path}", err=True)
 
 
-SETTING_SECTIONS = {"train", "optim"}
-
-
-def _train_settings(raw: dict[str, str], **flags: int | None) -> Any:
+def _resolve_train(
+    spec: str, config_path: str | None, sets: Sequence[str], flags: dict[str, Any]
+) -> tuple[Compilation, Any, Any]:
+    """The compiled spec, the TrainSettings and the tokenizer of a `train` run, by precedence: defaults <
+    --config file < --set < explicit flags (see nestc/train_config.py)."""
     from pydantic import ValidationError
 
     from nestc_runtime.training import TrainSettings
 
-    values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
-    fields = TrainSettings.model_fields
-    for dotted, value in raw.items():
-        section, _, name = dotted.partition(".")
-        if section not in SETTING_SECTIONS or name not in fields:
-            hint = suggest(name, fields) or f"run settings: {', '.join(fields)}"
-            raise UsageProblem(f"--set {dotted}: no such run setting ({hint})")
-        values[name] = value
+    from .train_config import RunConfig, UsageProblemText, check_spec_params, load_config, merge_settings
+
+    config = load_config(config_path) if config_path else RunConfig()
+    set_params, set_settings = _parse_sets(sets)
     try:
-        return TrainSettings(**values)
-    except ValidationError as exc:
+        values, origin = merge_settings(config.settings, set_settings, flags)
+        settings = TrainSettings(**values)
+    except UsageProblemText as exc:
+        raise UsageProblem(str(exc)) from None
+    except ValidationError as exc:  # the file was validated on its own: the culprit is a --set or a flag
         first = exc.errors()[0]
-        raise UsageProblem(f"--set {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        name = str(first["loc"][0]) if first["loc"] else ""
+        raise UsageProblem(f"{origin.get(name, name)}: {first['msg']}") from None
+    if config.params:
+        check_spec_params(config, _declared_params(spec))
+    tokenizer = _tokenizer(settings.tokenizer)
+    compilation = _compile_for_tokenizer(spec, sets, config.params, tokenizer, explicit_vocab="vocab" in set_params)
+    return compilation, settings, tokenizer
+
+
+def _declared_params(spec: str) -> list[str]:
+    from .language.parser import parse
+    from .pipeline import read_source
+
+    try:
+        return [param.name.id for param in parse(read_source(spec)).params]
+    except CompileError:
+        return []  # front_end reports the spec's own errors
+
+
+def _tokenizer(name: str) -> Any:
+    from nestc_runtime.training.tokenizers import TokenizerUnavailable, get_tokenizer
+
+    try:
+        return get_tokenizer(name)
+    except TokenizerUnavailable as exc:
+        raise UsageProblem(f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")) from None
+
+
+def _compile_for_tokenizer(
+    spec: str, sets: Sequence[str], params: dict[str, ParamValue], tokenizer: Any, explicit_vocab: bool
+) -> Compilation:
+    """Compile with the spec's `vocab` parameter set to the tokenizer's vocabulary unless given explicitly."""
+    base = dict(params)
+    if tokenizer.name != "byte" and not explicit_vocab and "vocab" not in base:
+        base["vocab"] = float(tokenizer.vocab_size)
+    compilation, _ = _compile(spec, sets, "text", base_params=base)
+    vocab = compilation.system.params.get("vocab")
+    if vocab is not None and vocab != tokenizer.vocab_size:
+        raise UsageProblem(
+            f"the spec's vocab = {vocab:g} does not fit the tokenizer {tokenizer.name} ({tokenizer.vocab_size} ids, "
+            "the last one ending documents); leave vocab unset or set it to that"
+        )
+    return compilation
+
+
+def _checkpoint_tokenizer(ckpt: str) -> Any:
+    """The tokenizer a checkpoint was trained with (its meta.json; `byte` when it does not say)."""
+    from nestc_runtime.evaluation.scoring import resolve_checkpoint
+    from nestc_runtime.training.checkpoint import META_FILE
+
+    try:
+        meta = json.loads((resolve_checkpoint(ckpt) / META_FILE).read_text(encoding="utf-8"))
+        name = meta.get("extra", {}).get("tokenizer", "byte")
+    except (OSError, ValueError, AttributeError, RuntimeInputError):
+        name = "byte"  # loading the checkpoint itself reports what is wrong with it
+    return _tokenizer(str(name))
 
 
 # ---- the entry point: every failure becomes one clear message and an exit code ------------------------------
@@ -617,6 +705,9 @@ def _input_error(exc: RuntimeInputError) -> int:
 
     where = f"{exc.path}: " if exc.path else ""
     click.echo(click.style("error: ", fg="red", bold=True) + where + exc.message, err=True)
+    snippet = getattr(exc, "snippet", "")  # a located error in a file (a config file's line with a caret)
+    if snippet:
+        click.echo(snippet, err=True)
     if exc.hint:
         click.echo(f"  = hint: {exc.hint}", err=True)
     return EXIT_USAGE if isinstance(exc, CheckpointMissing) else EXIT_INPUT

@@ -6,6 +6,17 @@ state continues the stream exactly where it stopped. A state file is a safetenso
 `last_was_eod`, `pending`), and in its header a small JSON of everything else (which fields are empty, the
 system, spec hash and sizes it belongs to). Nothing is pickled; a state is rebuilt on a fresh state of the
 same model, field by field.
+
+Levels with `objective task` make one exception. Their θ, the running gradient G1/G2 of the chunk in
+progress, its phase, `due` flag and last learning rate, and the pending logits are tensors and are saved, but
+the reads of θ inside the open chunk are autograd graph (leaf records): later loss terms of the chunk reach
+θ through them (the last token's term, whose label is the next token, and every later token through the
+in-context states that those reads fed). So a file also keeps the stream's token history (each model call's
+tokens, from a fresh state) while it is at most `MAX_REPLAY_TOKENS` long, and loading replays it, which
+rebuilds the graph and continues bit for bit like a stream that never stopped; the replayed tensors are
+checked against the saved ones. Past that length no history is kept and a reloaded stream continues from the
+saved tensors without those records: exact up to the end of each open chunk, whose update then lacks the
+gradient paths through the reads made before the save.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "nestc-state"
 STATE_VERSION = 1
 _META_KEY = "nestc"
+MAX_REPLAY_TOKENS = 4096
+"""The longest token history a state file keeps for models with `objective task` levels (see above)."""
 
 
 def sample_next(
@@ -60,9 +73,12 @@ def generate(
     seed: int = 0,
     state: ModelState | None = None,
     stop_at_eod: bool = True,
+    history: list[list[int]] | None = None,
 ) -> tuple[list[int], ModelState]:
     """Continue the stream in `state` (a fresh one when None) with `prompt`, then sample up to `max_tokens`
-    tokens, feeding each back in. Returns (new tokens, state after the prompt and every new token)."""
+    tokens, feeding each back in. Returns (new tokens, state after the prompt and every new token). Each model
+    call's tokens are appended to `history` when given (what `save_state` keeps for a replay)."""
+    calls = history if history is not None else []
     if not prompt:
         raise RuntimeInputError("the prompt is empty", hint="give at least one character with --prompt")
     generator = torch.Generator().manual_seed(seed)
@@ -74,10 +90,12 @@ def generate(
     try:
         with _inference(model):
             logits, current = model(torch.tensor([prompt], dtype=torch.long, device=device), current)
+            calls.append(list(prompt))
             for _ in range(max_tokens):
                 token = sample_next(logits[0, -1], generator, temperature=temperature, top_k=top_k)
                 out.append(token)
                 logits, current = model(torch.tensor([[token]], dtype=torch.long, device=device), current)
+                calls.append([token])
                 if stop_at_eod and token == model.plan.eod:
                     break
     finally:
@@ -228,13 +246,30 @@ def _take(tensors: dict[str, Tensor], key: str, like: Tensor | None, used: set[s
 # ---- files -----------------------------------------------------------------------------------------------
 
 
-def save_state(path: str | os.PathLike[str], model: CompiledModel, state: ModelState, **extra: Any) -> Path:
-    """Write `state` to the safetensors file `path` atomically (a temporary sibling, then a rename)."""
+def save_state(
+    path: str | os.PathLike[str],
+    model: CompiledModel,
+    state: ModelState,
+    *,
+    history: list[list[int]] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write `state` to the safetensors file `path` atomically (a temporary sibling, then a rename). `history`
+    (the calls since a fresh state, see `generate`) is kept when the state has records a file cannot hold."""
     target = Path(path)
     tensors, info = flatten_state(state)
+    replay = None
     if info["dropped"]:
-        log.warning("state: the gradient records of a chunk in progress are not saved (%s)", info["dropped"])
+        if history is not None and sum(len(call) for call in history) <= MAX_REPLAY_TOKENS:
+            replay = [[int(t) for t in call] for call in history]
+        else:
+            log.warning(
+                "state: the gradient records of a chunk in progress are not saved (%s) and the history is %s",
+                info["dropped"],
+                "unknown" if history is None else f"longer than {MAX_REPLAY_TOKENS} tokens",
+            )
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, **identity(model), **info, **extra}
+    meta["history"] = replay
     copies = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -279,4 +314,32 @@ def load_state(path: str | os.PathLike[str], model: CompiledModel) -> tuple[Mode
                 path=where,
                 hint="use the spec and sizes that saved it, or delete the state file",
             )
-    return unflatten_state(model, tensors, meta, where=where), meta
+    state = unflatten_state(model, tensors, meta, where=where)
+    history = meta.get("history")
+    if isinstance(history, list) and history:
+        state = _replay(model, history, tensors, where)
+    return state, meta
+
+
+def _replay(model: CompiledModel, history: list[Any], saved: dict[str, Tensor], where: str) -> ModelState:
+    """The state rebuilt by feeding the history's calls through a fresh stream (records included)."""
+    if not all(isinstance(call, list) and call and all(isinstance(t, int) for t in call) for call in history):
+        raise RuntimeInputError("the state's history is malformed", path=where, hint="delete the state file")
+    vocab = model.plan.vocab
+    if any(not 0 <= t < vocab for call in history for t in call):
+        raise RuntimeInputError("the state's history holds ids outside the vocabulary", path=where)
+    device = next(model.parameters()).device
+    current = fresh_state(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with _inference(model):
+            for call in history:
+                _, current = model(torch.tensor([call], dtype=torch.long, device=device), current)
+    finally:
+        model.train(was_training)
+    replayed, _ = flatten_state(current)
+    differ = [k for k in saved if k not in replayed or not torch.equal(saved[k], replayed[k].detach().cpu())]
+    if differ:  # another machine or thread count can round differently: the replay is still the stream
+        log.warning("state: the replayed history differs from the saved tensors in %s", differ[:3])
+    return current

@@ -279,20 +279,31 @@ class Perplexity(Task):
     name = "ppl"
     description = "perplexity of held-out text (bits per byte, next-byte accuracy)"
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, max_tokens: int = 4096, window: int = 256) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        max_tokens: int = 4096,
+        window: int = 256,
+        tokenizer: Any = None,
+    ) -> None:
         self.path = path
         self.max_tokens = max_tokens
         self.window = window
+        self.tokenizer = tokenizer  # None: bytes (training.tokenizers names the others)
 
     def text(self) -> list[int]:
         if self.path is None:
             raise RuntimeInputError("the ppl task needs a text file", hint="pass --data FILE")
-        return load_corpus(self.path)[: self.max_tokens].tolist()
+        return load_corpus(self.path, tokenizer=self.tokenizer)[: self.max_tokens].tolist()
 
     def examples(self, gen: torch.Generator) -> list[Example]:
         tokens = self.text()
-        scored = [p for p in range(1, len(tokens)) if tokens[p - 1] != EOD]
-        return [Example(tokens, {"text": scored}, {"file": str(self.path)})]
+        eod = EOD if self.tokenizer is None else self.tokenizer.eod
+        scored = [p for p in range(1, len(tokens)) if tokens[p - 1] != eod]
+        group: dict[str, Any] = {"file": str(self.path)}
+        if self.tokenizer is not None:  # bits per byte divide by the bytes the scored tokens stand for
+            group["bytes"] = self.tokenizer.byte_length(tokens[p] for p in scored)
+        return [Example(tokens, {"text": scored}, group)]
 
     def training_example(self, gen: torch.Generator, budget: int) -> Example:
         raise RuntimeInputError("train on text with --data FILE, not --task ppl")
@@ -300,12 +311,13 @@ class Perplexity(Task):
     def summarize(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         correct, count, nll = _span_totals(records, "text")
         loss = nll / max(count, 1)
+        text_bytes = sum(r["group"].get("bytes", 0) for r in records) or count
         row = {
             "file": str(self.path),
             "tokens": count,
             "loss": loss,
             "ppl": math.exp(min(loss, 700.0)),
-            "bits_per_byte": loss / math.log(2),
+            "bits_per_byte": nll / max(text_bytes, 1) / math.log(2),
             "accuracy": correct / max(count, 1),
         }
         return [row], {k: row[k] for k in ("ppl", "bits_per_byte", "accuracy", "loss")}

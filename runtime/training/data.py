@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ _IGNORE = -100
 class ByteTokenizer:
     """UTF-8 bytes as tokens, plus an end-of-document id."""
 
+    name = "byte"
     vocab_size = BYTE_VOCAB
     eod = EOD
 
@@ -57,13 +58,26 @@ class ByteTokenizer:
             data.append(token)
         return data.decode("utf-8", errors="replace")
 
+    def byte_length(self, ids: Iterable[int]) -> int:
+        """How many bytes the ids stand for: one each (`EOD` included, so bits per byte = bits per token)."""
+        return sum(1 for _ in ids)
 
-def load_corpus(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """Read a text file or a folder of text files as one 1-D LongTensor of byte tokens.
+
+class _TextTokenizer(Protocol):
+    eod: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def load_corpus(
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, tokenizer: _TextTokenizer | None = None
+) -> torch.Tensor:
+    """Read a text file or a folder of text files as one 1-D LongTensor of tokens (bytes unless `tokenizer`).
 
     A folder is walked recursively in path order; hidden entries (names starting with ".") and files that are
-    not UTF-8 text are skipped. Each document is followed by `EOD`. At most `max_bytes` bytes of text are read:
-    the document that crosses the limit is cut (at a character boundary) and later files are ignored.
+    not UTF-8 text are skipped. Each document is followed by the end-of-document id (`EOD`, or the
+    tokenizer's). At most `max_bytes` bytes of text are read: the document that crosses the limit is cut (at a
+    character boundary) and later files are ignored.
     """
     root = Path(path)
     if max_bytes <= 0:
@@ -79,10 +93,13 @@ def load_corpus(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BY
             path=str(root),
             hint="give a text file or a folder that contains text files",
         )
-    end = torch.tensor([EOD], dtype=torch.long)
+    end = torch.tensor([EOD if tokenizer is None else tokenizer.eod], dtype=torch.long)
     pieces: list[torch.Tensor] = []
     for document in documents:
-        pieces.append(torch.frombuffer(bytearray(document), dtype=torch.uint8).to(torch.long))
+        if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+            pieces.append(torch.frombuffer(bytearray(document), dtype=torch.uint8).to(torch.long))
+        else:
+            pieces.append(torch.tensor(tokenizer.encode(document.decode("utf-8")), dtype=torch.long))
         pieces.append(end)
     return torch.cat(pieces)
 

@@ -55,6 +55,9 @@ class TrainSettings(BaseModel):
     max_read: float = Field(
         1e6, ge=0, description="stop when a level's read grows past this (exploding inner updates); 0: no limit"
     )
+    tokenizer: str = Field(
+        "byte", pattern=r"^(byte|tiktoken:[A-Za-z0-9_.-]+)$", description="byte, or tiktoken:<encoding> (text only)"
+    )
 
 
 @dataclass
