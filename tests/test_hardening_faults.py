@@ -155,3 +155,19 @@ def test_train_stops_cleanly_and_keeps_the_last_good_checkpoint(
     assert tensors.keys() == good.keys() and all(torch.equal(tensors[k], good[k]) for k in good)
     # and the run goes on from there once the limit is back
     assert main([*args, "--steps", "6", "--resume"]) == 0
+
+
+def test_huber_clips_the_inner_gradient_and_contains_the_explosion(tmp_path: Path) -> None:
+    """Per-level inner-gradient clipping is the objective `huber(..., delta = δ)`: its gradient is l2's with the
+    error M k − v clipped to [−δ, δ] per entry, so the same planted value that explodes the l2 level leaves the
+    huber level's reads bounded (by η δ √d_v per token, with unit keys and queries)."""
+    path = tmp_path / "huber.nest"
+    path.write_text(SPEC.replace("l2(memory(keys), values)", "huber(memory(keys), values, delta = 1)"))
+    model = model_of(path)
+    with torch.no_grad():
+        model.layers[0].weight[MARK] = 1e9
+    assert step_fault(model, window_with_mark(row=2, token=11)) is None
+    with faults.watching(model) as watch:
+        model(window_with_mark(row=2, token=11)[:, :-1])
+    peak = watch.peak()
+    assert peak is not None and peak[1] < 1e3

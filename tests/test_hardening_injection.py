@@ -46,7 +46,7 @@ def payloads(sentinel: Path) -> list[str]:
 # must stay inert names (dictionary keys, module names) everywhere they go.
 EVIL_NAMES = """\
 # COMMENT
-system __import__(d = 16, heads = 2, layers = 1, vocab = 257, __class__ = 2) {
+system __import__(d = 64, heads = 2, layers = 1, vocab = 257, __class__ = 2) {
   level exec { update every step; optimizer adamw(lr = 1e-3) }
   level eval in exec {
     memory    matrix per head
@@ -123,13 +123,12 @@ def test_hostile_specs_are_refused_cleanly_by_every_front_end_command(
         spec = tmp_path / f"{name}.nest"
         spec.write_text(text, encoding="utf-8")
         commands = [
-            ["check", str(spec)],
             ["check", str(spec), "--format", "json"],
             ["fmt", "--stdout", str(spec)],
-            ["show", str(spec)],
             ["compile", str(spec), "-o", str(tmp_path / f"{name}-out")],
-            ["viz", str(spec), "-o", str(tmp_path / f"{name}.svg")],
         ]
+        if name.endswith("-0") or name.startswith("traversal"):  # the same front end: a sample is enough
+            commands += [["check", str(spec)], ["show", str(spec)], ["viz", str(spec), "-o", str(tmp_path / "x.svg")]]
         for args in commands:
             code, _, err = _run(args, capsys)
             assert code in (0, 1, 2), f"{name}: exit {code}"
@@ -163,14 +162,18 @@ def test_evil_names_stay_names_through_every_command(
         code, _, err = _run([*args, "--no-progress"] if args[0] == "train" else args, capsys)
         assert code == 0, f"nestc {args[0]}: exit {code}\n{err}"
     assert_python_files_carry_only_identifiers(out, EVIL_NAMES)
+    if (out / "kernels").is_dir():  # generated kernels (d_k = 32 is large enough for them) exist: they were checked
+        assert list((out / "kernels").glob("*.py"))
 
 
-def assert_python_files_carry_only_identifiers(directory: Path, spec_text: str) -> None:
+def assert_python_files_carry_only_identifiers(directory: Path, spec_text: str) -> int:
     """Every .py file under `directory` parses, and the only spec text in it is names that match IDENTIFIER:
     no comment, string or number-with-text from the spec appears in a string literal or as code."""
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", spec_text))
     comment = spec_text.splitlines()[0].lstrip("# ")
+    checked = 0
     for path in directory.rglob("*.py"):
+        checked += 1
         source = path.read_text()
         tree = ast.parse(source, filename=str(path))  # generated source must be valid Python
         assert comment[:20] not in source, f"{path} quotes the spec's comment"
@@ -181,6 +184,7 @@ def assert_python_files_carry_only_identifiers(directory: Path, spec_text: str) 
                         assert IDENTIFIER.match(word), f"{path}: {word!r}"
             if isinstance(node, (ast.Call)) and isinstance(node.func, ast.Name):
                 assert node.func.id not in ("eval", "exec", "compile", "__import__"), f"{path} calls {node.func.id}"
+    return checked
 
 
 def test_the_python_file_check_catches_pasted_spec_text(tmp_path: Path) -> None:
@@ -197,11 +201,14 @@ def test_compile_output_of_every_shipped_spec_has_no_pasted_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Whatever `compile -o` writes now or later (generated kernels), its Python parses and pastes no spec text."""
+    checked = 0
     for spec in sorted((ROOT / "specs").glob("*.nest")):
         out = tmp_path / spec.stem
-        code, _, err = _run(["compile", str(spec), "-o", str(out), "--set", "d=16"], capsys)
+        code, _, err = _run(["compile", str(spec), "-o", str(out), "--set", "d=64"], capsys)  # d_k >= 16
         assert code == 0, err
-        assert_python_files_carry_only_identifiers(out, spec.read_text())
+        checked += assert_python_files_carry_only_identifiers(out, spec.read_text())
+    if (ROOT / "nestc" / "codegen").is_dir():  # generated kernels exist: some spec's output had Python to check
+        assert checked > 0
 
 
 # ---- hostile flags and files ---------------------------------------------------------------------------------
