@@ -296,7 +296,9 @@ def report() -> None:
         row = " | ".join(cell(tasks.get(t), t) for t in TASKS)
         lines.append(f"| {key[0]} | {params:,} | {key[1]:,} | {row} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compare.md").write_text("\n".join(lines) + "\n")
+    tmp = RESULTS / f".compare.md.{os.getpid()}"  # several workers may report at once: replace atomically
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(RESULTS / "compare.md")
     plot(found, max(key[1] for key in keys))
     print("\n".join(lines), flush=True)
 
@@ -325,7 +327,9 @@ def plot(found: dict[tuple[str, int], dict[str, list[dict]]], tokens: int) -> No
         axis.set_title(title, fontsize=9)
     fig.suptitle(f"{tokens:,} training tokens per run", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "compare.png", dpi=120)
+    tmp = RESULTS / f".compare.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(RESULTS / "compare.png")
     plt.close(fig)
 
 

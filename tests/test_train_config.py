@@ -18,6 +18,7 @@ from nestc_runtime.training.tokenizers import TiktokenTokenizer, TokenizerUnavai
 
 ROOT = Path(__file__).parents[1]
 SPEC = str(ROOT / "specs" / "deltanet.nest")
+HOPE = str(ROOT / "specs" / "hope.nest")
 TINY = ["--set", "d=16", "--set", "heads=2", "--set", "layers=1"]
 
 
@@ -46,6 +47,17 @@ def test_print_config_round_trips_through_config(capsys: pytest.CaptureFixture[s
     saved.write_text(text)
     again, _ = printed(capsys, "--config", str(saved))
     assert again == text
+
+
+def test_print_config_round_trips_words_and_lists(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, text, err = run(
+        capsys, "train", HOPE, "--print-config", "--set", "mem_read=boundary", "--set", "chunks=[8,32]"
+    )
+    assert code == 0, err
+    assert tomllib.loads(text)["spec"]["chunks"] == [8, 32] and 'mem_read = "boundary"' in text
+    saved = tmp_path / "hope.toml"
+    saved.write_text(text)
+    assert run(capsys, "train", HOPE, "--config", str(saved), "--print-config")[:2] == (0, text)
 
 
 def test_precedence_defaults_config_set_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -217,7 +229,6 @@ def test_tiktoken_run_stores_its_tokenizer_for_eval_and_generate(
 
 # ---- memory state of `objective task` levels -------------------------------------------------------------
 
-HOPE = str(ROOT / "specs" / "hope.nest")
 TINY_HOPE = {"d": 16.0, "heads": 2.0, "layers": 1.0, "chunks": [2.0, 4.0], "c_mem": 4.0, "c_other": 2.0}
 
 
