@@ -2,37 +2,43 @@
 
 Inside a chunk every g_t is taken at the chunk-start state θ⁰ = θ_{b-1}, so all of them are computed
 at once, and each is a sum of rank-one terms: g1_s = δ_s s_sᵀ, g2_s = u_s k_sᵀ (``token_gradients``).
-With "gd" / "momentum_gd" and per-head rates, every state inside the chunk is
+With "gd" / "momentum_gd" every state inside the chunk is
 
-    θ_n = Γ_n θ_e + c_n m_e - Σ_s X[n, s] η_s g_s          (n = state index, 0 = entering state θ_e)
+    θ_n = Γ_n ∘ θ_e + c_n ∘ m_e - Σ_s X[n, s] ∘ η_s g_s          (n = state index, 0 = entering state θ_e)
 
 with Γ the cumulative retention, X = Dα (gd) or Dα·Dβ (momentum: Dα[n, r] = Γ_n/Γ_{r+1},
-Dβ[r, s] = β_{s+1}⋯β_r) and c = Dα·(β_0⋯β_r).  Reads then never materialise per-token weights:
+Dβ[r, s] = β_{s+1}⋯β_r) and c = Dα·(β_0⋯β_r); ∘ acts on the model channels (W2 ← W2·diag(α),
+W1 ← diag(α)·W1), one coefficient per channel for per-channel rates, one per head otherwise.  Every
+ratio Γ_n/Γ_{r+1} is exp(log Γ_n - log Γ_{r+1}) under the mask r < n (≤ 1, never overflows).  Reads
+then never materialise per-token weights:
 
-    W2_τ q = Γ_τ W2_e q + c_τ M2_e q - Σ_s X[τ, s] η_s (k_s·q) u_s,      p = σ(W2_τ q),
-    W1_τ p = Γ_τ W1_e p + c_τ M1_e p - Σ_s X[τ, s] η_s (s_s·p) δ_s,      o = q + W1_τ p (or LN).
+    W2_τ q = W2_e (Γ_τ ∘ q) + M2_e (c_τ ∘ q) - Σ_s η_s u_s Σ_c X[τ, s, c] k_s[c] q[c],      p = σ(W2_τ q),
+    W1_τ p = Γ_τ ∘ W1_e p + c_τ ∘ M1_e p - Σ_s η_s (s_s·p) X[τ, s] ∘ δ_s,                  o = q + W1_τ p (or LN).
 
-The loop runs over blocks of C tokens (chunks are sequential: each linearises at the previous
-one's end).  Rows may have different phases (streaming, packing): a block then holds the tail of
-a row's carried chunk (stage A, linearised at the carried P) and the head of its next chunk
-(stage B, linearised at the state where it starts), each computed in parallel with masks.
+How the work is laid out (the speed):
+- Everything that does not depend on the running state is computed once for a group of blocks, batched
+  over the blocks (``_prepare``): the coefficients X, Γ, c, the scores Σ_c X[τ, s, c] k_s[c] q_τ[c], the
+  rate-scaled queries [Γ_τ ∘ q, c_τ ∘ q], the end-of-block coefficients, and dgd's triangular inverse.
+- The state is carried stacked, [W1; M1] (B,H,2d,h) and [W2 | M2] (B,H,h,2d), so each read of W and
+  m together is one matrix product, and each end-of-block update one ``baddbmm`` onto the decayed state.
+- What is left per block (``_step``) is the state-dependent algebra: the token gradients at the chunk
+  start, the reads and the end state.  ``NESTC_COMPILE=1`` (or ``set_compile(True)``) runs that step
+  under ``torch.compile``; the default and the fallback (compile unavailable) run the same function eagerly.
+
+The loop runs over blocks of C tokens (chunks are sequential: each linearises at the previous one's
+end).  Rows may have different phases (streaming, packing): a block then holds the tail of a row's
+carried chunk (stage A, linearised at the carried P) and the head of its next chunk (stage B,
+linearised at the state where it starts), each computed in parallel with masks (inactive tokens are
+no-ops: η = 0, α = β = 1).
 
 Every objective ("l2", "dot", "lp", "huber") has this form: only e = ∂ℓ/∂M(k) in ``token_gradients``
 changes, and the gradients stay rank one given θ_{b-1}.
 
-Per-channel rates (α and/or β of shape (B,H,T,d); W2 ← W2·diag(α), W1 ← diag(α)·W1) keep the same form
-with one coefficient per model channel: X[n, s, c] = Σ_r Dα_c[n, r] Dβ_c[r, s], every ratio
-Γ_n[c]/Γ_{r+1}[c] taken as exp(log Γ_n - log Γ_{r+1}) under the mask r < n (≤ 1, never overflows, no
-clamping).  Reads contract the channel inside the score, e.g.
-
-    W2_τ q = W2_e (Γ_τ ∘ q) + M2_e (c_τ ∘ q) - Σ_s η_s u_s Σ_c X[τ, s, c] k_s[c] q[c],
-
-an explicit (L, L, d) tensor per chunk (L ≤ C), cheap for the chunk sizes used here and exact.
-
 "dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η u kᵀ, W1 ← α ∘ W1 - η δ sᵀ): W1 is the "gd" form.  For W2 write
 W2_{i+1} = W2_i ∘ α_i + w_i k̂_iᵀ - η_i u_i k_iᵀ with w_i = -η_i W2_i k̂_i; expanding W2_i gives a unit
-lower-triangular system for the w of the segment (the WY/UT form of the delta rule, ``_dgd_updates``),
-solved once per segment; u (the back-propagated signal at the chunk start) is fixed inside it.
+lower-triangular system (I + diag(η) A) w = -diag(η) (W2_e (Γ ∘ k̂) + Σ_r X η_r (k_r ∘ k̂) u_r) for the
+w of the segment (the WY/UT form of the delta rule); its inverse does not depend on the state and is
+formed once per group of blocks; u (the back-propagated signal at the chunk start) is fixed inside it.
 
 Scope of the parallel form: "gd", "momentum_gd" and "dgd", rates per head or per channel.
 "newton_schulz" (a non-linear map of the momentum every token) and "delta_momentum" (its factor
@@ -44,7 +50,11 @@ no parallel form).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,6 +70,9 @@ from .state import (
     safe_log,
     token_gradients,
 )
+
+# Tokens whose state-independent coefficients are formed at once (bounds the (L, L, d) tensors' memory).
+GROUP_TOKENS = 512
 
 
 def has_parallel_form(cfg: MLPMemoryConfig, retain: Tensor, momentum: Tensor | None) -> bool:
@@ -87,171 +100,178 @@ def _scan_fallback(
     return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
 
 
+# ---------------------------------------------------------------- torch.compile of the per-block step
+
+_COMPILE = {"on": os.environ.get("NESTC_COMPILE", "0") == "1"}
+_COMPILED: dict[MLPMemoryConfig, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
+
+
+def set_compile(on: bool) -> None:
+    """Run the per-block step under ``torch.compile`` (True) or eagerly (False, the default)."""
+    _COMPILE["on"] = on
+
+
+def _step_fn(cfg: MLPMemoryConfig) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """The per-block step, compiled once per configuration when asked and possible, else eager."""
+    if not _COMPILE["on"]:
+        return _step
+    if cfg not in _COMPILED:
+        try:
+            _COMPILED[cfg] = torch.compile(_step, dynamic=False)
+        except Exception:  # no compiler on this machine: the same step, eagerly
+            _COMPILED[cfg] = _step
+    return _COMPILED[cfg]
+
+
+# ---------------------------------------------------------------- state-independent coefficients
+
+
 def _lower_ratio(log_hi: Tensor, log_lo: Tensor, mask: Tensor) -> Tensor:
     """exp(log_hi[n] - log_lo[r]) where mask[n, r] else 0: (...,N), (...,R), mask broadcastable -> (...,N,R)."""
     diff = log_hi[..., :, None] - log_lo[..., None, :]
     return torch.where(mask, diff, float("-inf")).exp()
 
 
-def _per_channel(x: Tensor, d: int) -> Tensor:
-    """A rate's logs (B,H,L) or (B,H,L,d) as (B,H,d,L): the channel axis before the time axis."""
-    if x.dim() == 3:
-        x = x[..., None].expand(*x.shape, d)
-    return x.transpose(-1, -2)
-
-
 def _channels_last(x: Tensor) -> Tensor:
-    """(B,H,d,N,R) -> (B,H,N,R,d)."""
-    return x.permute(0, 1, 3, 4, 2)
+    """A rate (R,H,L) or (R,H,L,d) as (R,H,L,w), w = 1 or d."""
+    return x[..., None] if x.dim() == 3 else x
+
+
+def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
+    """Σ_{r<n} x[r] for n = 0..L along ``dim`` (one more entry than x: the empty sum first)."""
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([zero, x.cumsum(dim)], dim)
 
 
 @dataclass
 class _Mix:
-    """How the states of a segment are made of the entering state and the token terms.
+    """How the states of a segment are made of the entering state and the token terms (channels last).
 
-    Per-head rates: gamma (B,H,L+1), coef (B,H,L+1,L), carry (B,H,L+1) or None.  Per-channel rates: the
-    same with a trailing channel axis d: gamma (B,H,L+1,d), coef (B,H,L+1,L,d), carry (B,H,L+1,d).
-    θ_n = Γ_n ∘ θ_e + c_n ∘ m_e + Σ_s coef[n, s] ∘ (terms of token s), ∘ acting on the model channels.
+    gamma (R,H,L+1,w) = Γ_n.  X[n, s] (R,H,L+1,L,w) is either materialised (``coef``) or, without momentum,
+    kept as its factors X[n, s] = Γ_n ∘ inv_s · mask[n, s] with inv_s = 1/Γ_{s+1} (R,H,L,w) and mask (R,L+1,L)
+    = [s < n, s active].  With momentum also carry (R,H,L+1,w) = c_n, beta_end (R,H,L,wb) = β_{s+1}⋯β_{L-1}
+    and beta_all (R,H,wb) = β_0⋯β_{L-1}.
     """
 
     gamma: Tensor
-    coef: Tensor
-    carry: Tensor | None
+    coef: Tensor | None = None
+    inv: Tensor | None = None
+    mask: Tensor | None = None
+    carry: Tensor | None = None
+    beta_end: Tensor | None = None
+    beta_all: Tensor | None = None
 
-    @property
-    def channel(self) -> bool:
-        return self.gamma.dim() == 4
+    def rows(self, n: slice | int) -> Tensor:
+        """X[n, s] for the state indices n: (R,H,N,L,w) (or (R,H,L,w) for one index)."""
+        if self.coef is not None:
+            return self.coef[:, :, n]
+        assert self.inv is not None and self.mask is not None
+        gamma, mask = self.gamma[:, :, n], self.mask[:, None, n, :, None]
+        if isinstance(n, int):
+            return gamma[:, :, None] * self.inv * mask
+        return gamma[:, :, :, None] * self.inv[:, :, None] * mask
+
+    def contract(self, n: slice, x: Tensor, y: Tensor) -> Tensor:
+        """Σ_c X[n, s, c] x_n[c] y_s[c] for x (R,H,N,d), y (R,H,L,d) -> (R,H,N,L)."""
+        if self.coef is None:
+            assert self.inv is not None and self.mask is not None
+            return ((self.gamma[:, :, n] * x) @ (self.inv * y).transpose(-1, -2)) * self.mask[:, None, n]
+        coef = self.coef[:, :, n]
+        if coef.shape[-1] == 1:
+            return coef[..., 0] * (x @ y.transpose(-1, -2))
+        return ((coef * y[:, :, None]) @ x[..., None])[..., 0]
 
 
-def _mixing(log_a: Tensor, log_b: Tensor | None, active: Tensor, d: int) -> tuple[_Mix, _Mix]:
-    """(Dα-mix, X-mix): Dα[n, r] = Γ_n/Γ_{r+1} (r < n, active r); X = Dα (no momentum) or Dα·Dβ.
+def _mixing(log_a: Tensor, log_b: Tensor | None, active: Tensor) -> _Mix:
+    """X = Dα (no momentum) or Dα·Dβ, Dα[n, r] = Γ_n/Γ_{r+1} (r < n, active r), Dβ[r, s] = β_{s+1}⋯β_r.
 
-    The carry coefficient c = Dα·(β_0⋯β_r) of the momentum entering the segment sits in X-mix.
+    Where no segment decays by more than ``_safe_log_range`` (any realistic retention), Γ_n/Γ_{r+1} is the
+    product Γ_n · (1/Γ_{r+1}) of two vectors, and X = Γ_n ∘ Σ_{r<n} (1/Γ_{r+1}) Dβ[r, s] a cumulative sum;
+    otherwise every ratio is exp(log Γ_n - log Γ_{r+1}) under its mask (≤ 1, never overflows).
     """
     length = log_a.shape[2]
+    la, lb = _channels_last(log_a), None if log_b is None else _channels_last(log_b)
+    if lb is not None and lb.shape[-1] > la.shape[-1]:
+        la = la.expand(*la.shape[:-1], lb.shape[-1])
+    G = _exclusive_cumsum(la, 2)  # log Γ at state indices 0..L
     states = torch.arange(length + 1, device=log_a.device)
     tokens = torch.arange(length, device=log_a.device)
-    lower = (tokens[None, :] < states[:, None])[None] & active[:, None, :]  # (B,L+1,L)
-    channel = log_a.dim() == 4 or (log_b is not None and log_b.dim() == 4)
-    if not channel:
-        G = torch.nn.functional.pad(log_a.cumsum(-1), (1, 0))  # log Γ at state indices 0..L
-        d_alpha = _lower_ratio(G, G[..., 1:], lower[:, None])
-        plain = _Mix(G.exp(), d_alpha, None)
-        if log_b is None:
-            return plain, plain
-        Bc = log_b.cumsum(-1)  # log β_0⋯β_r
-        d_beta = _lower_ratio(Bc, Bc, (tokens[None, :] <= tokens[:, None])[None, None])
-        return plain, _Mix(plain.gamma, d_alpha @ d_beta, (d_alpha @ Bc.exp()[..., None])[..., 0])
-    la = _per_channel(log_a, d)  # (B,H,d,L)
-    G = torch.nn.functional.pad(la.cumsum(-1), (1, 0))  # (B,H,d,L+1)
-    d_alpha = _lower_ratio(G, G[..., 1:], lower[:, None, None])  # (B,H,d,L+1,L)
-    gamma = G.exp().transpose(-1, -2)
-    plain = _Mix(gamma, _channels_last(d_alpha), None)
-    if log_b is None:
-        return plain, plain
-    Bc = _per_channel(log_b, d).cumsum(-1)  # (B,H,d,L)
-    d_beta = _lower_ratio(Bc, Bc, (tokens[None, :] <= tokens[:, None])[None, None, None])
-    mixed = _channels_last(d_alpha @ d_beta)
-    carry = (d_alpha @ Bc.exp()[..., None])[..., 0].transpose(-1, -2)
-    return plain, _Mix(gamma, mixed, carry)
+    lower = (tokens[None, :] < states[:, None])[None] & active[:, None, :]  # (R,L+1,L)
+    factored = bool(G[:, :, -1].min() >= -_safe_log_range(G.dtype, length))
+    gamma = G.exp()
+    if factored:
+        inv = torch.where(active[:, None, :, None], (-G[:, :, 1:]).exp(), torch.zeros_like(la))
+    if lb is None:
+        if factored:
+            return _Mix(gamma, inv=inv, mask=lower)
+        d_alpha = _lower_ratio(G.transpose(-1, -2), G[:, :, 1:].transpose(-1, -2), lower[:, None, None])
+        return _Mix(gamma, coef=d_alpha.permute(0, 1, 3, 4, 2))
+    Bc = lb.cumsum(2)  # log β_0⋯β_r, (R,H,L,wb)
+    d_beta = _lower_ratio(Bc.transpose(-1, -2), Bc.transpose(-1, -2), tokens[None, :] <= tokens[:, None])
+    d_beta = d_beta.permute(0, 1, 3, 4, 2)  # (R,H,L,L,wb): [r, s]
+    if factored:  # Σ_{r<n} as one product with the strict lower-triangular (L+1, L) ones (inv is 0 off active)
+        strict = (tokens[None, :] < states[:, None]).to(inv.dtype)
+        terms = inv[:, :, :, None] * d_beta  # (R,H,L,L,w): [r, s]
+        coef = gamma[:, :, :, None] * (strict @ terms.flatten(-2)).view(*gamma.shape[:3], length, -1)
+        carry = gamma * (strict @ (inv * Bc.exp()))
+    else:
+        d_alpha = _lower_ratio(G.transpose(-1, -2), G[:, :, 1:].transpose(-1, -2), lower[:, None, None])
+        d_beta_cf = d_beta.permute(0, 1, 4, 2, 3)
+        coef = (d_alpha @ d_beta_cf).permute(0, 1, 3, 4, 2)
+        carry = (d_alpha @ Bc.exp().transpose(-1, -2)[..., None])[..., 0].transpose(-1, -2)
+    return _Mix(gamma, coef=coef, carry=carry, beta_end=(Bc[:, :, -1:] - Bc).exp(), beta_all=Bc[:, :, -1].exp())
+
+
+def _safe_log_range(dtype: torch.dtype, length: int) -> float:
+    """How far log Γ may fall in a segment for 1/Γ (and sums of L such terms) to stay finite and normal."""
+    return math.log(torch.finfo(dtype).max) - math.log(length + 1) - 10.0
+
+
+def _per_channel(x: Tensor, d: int) -> Tensor:
+    """(…,w) -> (…,d): a coefficient per channel (w = 1 broadcast over the channels)."""
+    return x.expand(*x.shape[:-1], d)
 
 
 @dataclass
-class _Terms:
-    """Σ_s coef[n, s] ∘ left_s right_sᵀ for one weight: left (B,H,L,rows), right (B,H,L,cols)."""
+class _Pre:
+    """The state-independent inputs of a segment, for a group of blocks (rows R = blocks × batch).
 
-    mix: _Mix
+    q, k, v (R,H,L,d).  Reads (``online``/``before``; None for ``boundary``): qs = [Γ_τ ∘ q, c_τ ∘ q]
+    (R,H,L,m·d), scores = -Σ_c X[τ,s,c] η_s k_s[c] q_τ[c] (R,H,L,L), weights = -η_s X[τ, s] (R,H,L,L) per
+    head or (R,H,L,L,d) per channel, gamma, carry = Γ_τ, c_τ (R,H,L,w).  End of the block: scale =
+    [Γ_L ; β_all] (R,H,m·d), carry_end = c_L (R,H,d), left = [-η_s X[L,s] ; -η_s β_{s+1}⋯] (R,H,L,m,d)
+    (times δ_s: the W1 and M1 terms), right = the same times k_s (R,H,L,m·d).  dgd: kg = Γ_i ∘ k̂_i,
+    solve = (I + diag(η) A)⁻¹ diag(-η), solve_u = solve · S_kk (R,H,L,L), dgd_scores (read), dgd_right.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: Tensor
     left: Tensor
     right: Tensor
+    carry_end: Tensor | None = None
+    qs: Tensor | None = None
+    scores: Tensor | None = None
+    weights: Tensor | None = None
+    gamma: Tensor | None = None
+    carry: Tensor | None = None
+    kg: Tensor | None = None
+    solve: Tensor | None = None
+    solve_u: Tensor | None = None
+    dgd_scores: Tensor | None = None
+    dgd_right: Tensor | None = None
+
+    def rows(self, index: slice) -> _Pre:
+        sliced: dict[str, Any] = {f.name: _rows(getattr(self, f.name), index) for f in fields(self)}
+        return replace(self, **sliced)
 
 
-def _apply_in(terms: list[_Terms], tau: slice, x: Tensor) -> Tensor:
-    """Σ terms of W2 (channel on the input/column axis) at states tau applied to x: (B,H,L,d) -> (B,H,L,h).
-
-    tau: the states read by the queries (rows of x), a slice of length L of the state indices 0..L.
-    """
-    out = None
-    for t in terms:
-        coef = t.mix.coef[:, :, tau]
-        if t.mix.channel:  # Σ_c coef[τ, s, c] x[c] right_s[c]
-            scores = (coef * (x[..., :, None, :] * t.right[..., None, :, :])).sum(-1)
-        else:
-            scores = coef * (x @ t.right.transpose(-1, -2))
-        piece = scores @ t.left
-        out = piece if out is None else out + piece
-    assert out is not None
-    return out
+def _rows(x: Tensor | None, index: slice) -> Tensor | None:
+    return None if x is None else x[index]
 
 
-def _apply_out(terms: list[_Terms], tau: slice, x: Tensor) -> Tensor:
-    """Σ terms of W1 (channel on the output/row axis) at states tau applied to x: (B,H,L,h) -> (B,H,L,d)."""
-    out = None
-    for t in terms:
-        coef = t.mix.coef[:, :, tau]
-        dots = x @ t.right.transpose(-1, -2)  # (B,H,L,L)
-        if t.mix.channel:  # Σ_s coef[τ, s, c] (x·right_s) left_s[c]
-            piece = ((coef * dots[..., None]) * t.left[..., None, :, :]).sum(-2)
-        else:
-            piece = (coef * dots) @ t.left
-        out = piece if out is None else out + piece
-    assert out is not None
-    return out
-
-
-def _end_in(terms: list[_Terms], length: int) -> Tensor:
-    """Σ terms of W2 at the end state: Σ_s left_s (coef[L, s] ∘ right_s)ᵀ, (B,H,h,d)."""
-    out = None
-    for t in terms:
-        coef = t.mix.coef[:, :, length]
-        right = coef * t.right if t.mix.channel else coef[..., None] * t.right
-        piece = t.left.transpose(-1, -2) @ right
-        out = piece if out is None else out + piece
-    assert out is not None
-    return out
-
-
-def _end_out(terms: list[_Terms], length: int) -> Tensor:
-    """Σ terms of W1 at the end state: Σ_s (coef[L, s] ∘ left_s) right_sᵀ, (B,H,d,h)."""
-    out = None
-    for t in terms:
-        coef = t.mix.coef[:, :, length]
-        left = coef * t.left if t.mix.channel else coef[..., None] * t.left
-        piece = left.transpose(-1, -2) @ t.right
-        out = piece if out is None else out + piece
-    assert out is not None
-    return out
-
-
-def _scale(x: Tensor, rate: Tensor, side: str) -> Tensor:
-    """rate ∘ x for a weight x (B,H,m,n): rate (B,H) or (B,H,d) on the columns ("in") or rows ("out")."""
-    if rate.dim() == 2:
-        return rate[..., None, None] * x
-    return x * rate[..., None, :] if side == "in" else x * rate[..., :, None]
-
-
-def _dgd_updates(plain: _Mix, W2e: Tensor, k: Tensor, k_hat: Tensor, u: Tensor, lr: Tensor) -> Tensor:
-    """dgd's W2 directions w (B,H,L,h): W2_{i+1} = W2_i ∘ α_i + w_i k̂_iᵀ - η_i u_i k_iᵀ, w_i = -η_i W2_i k̂_i.
-
-    W2_i k̂_i = Γ_i ∘ W2_e k̂_i + Σ_{r<i} Dα[i, r] ((k̂_r ∘ k̂_i) w_r - η_r (k_r ∘ k̂_i) u_r): a unit lower
-    triangular system (I + diag(η) A) W = -diag(η) (W2_e (Γ ∘ k̂) - Σ_r Dα η_r (k_r ∘ k̂) u_r) (WY/UT form).
-    """
-    length = k.shape[2]
-    own = _Mix(plain.gamma[:, :, :length], plain.coef[:, :, :length], None)
-    grad = _Terms(own, -lr[..., None] * u, k)
-    if own.channel:
-        base = (own.gamma * k_hat) @ W2e.transpose(-1, -2)
-        A = (own.coef * (k_hat[..., :, None, :] * k_hat[..., None, :, :])).sum(-1)
-    else:
-        base = own.gamma[..., None] * (k_hat @ W2e.transpose(-1, -2))
-        A = own.coef * (k_hat @ k_hat.transpose(-1, -2))
-    rhs = -lr[..., None] * (base + _apply_in([grad], slice(0, length), k_hat))
-    eye = torch.eye(length, dtype=k.dtype, device=k.device)
-    return torch.linalg.solve_triangular(eye + lr[..., None] * A, rhs, upper=False, unitriangular=True)
-
-
-def _segment(
-    enter: tuple[Tensor, Tensor, Tensor, Tensor],
-    lin: tuple[Tensor, Tensor],
+def _prepare(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -260,89 +280,192 @@ def _segment(
     log_b: Tensor | None,
     active: Tensor,
     cfg: MLPMemoryConfig,
-    stop_delta: tuple[Tensor, Tensor] | None,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """The tokens of a block marked ``active`` (B,L) as one piece of a chunk linearised at ``lin``.
-
-    enter: (W1, W2, M1, M2) entering the block; inactive tokens are no-ops (η = 0, α = β = 1).
-    log_a, log_b: (B,H,L) per head or (B,H,L,d) per channel.
-    Returns the outputs (B,H,L,d) (meaningful at active tokens) and (W1, W2, M1, M2) after the block.
-    """
-    W1e, W2e, M1e, M2e = enter
+) -> _Pre:
+    """Every state-independent term of the segments ``active`` (R,L) of R blocks at once (see ``_Pre``)."""
     length, d = q.shape[2], q.shape[3]
-    delta, s, u = token_gradients(lin[0], lin[1], k, v, cfg)
-    plain, mix = _mixing(log_a, log_b, active, d)
-    # W1_n = Γ_n ∘ W1e + c_n ∘ M1e - Σ_s X[n, s] η_s δ_s s_sᵀ (and likewise W2 with u_s k_sᵀ), except
-    # that dgd's W2 is W2_n = Γ_n ∘ W2e + Σ_s Dα[n, s] (w_s k̂_sᵀ - η_s u_s k_sᵀ).
-    terms1 = [_Terms(mix, -lr[..., None] * delta, s)]
-    terms2 = [_Terms(mix, -lr[..., None] * u, k)]
+    mix = _mixing(log_a, log_b, active)
+    neg = -lr[..., None]  # (R,H,L,1): -η_s along the token axis
+    left = [_per_channel(mix.rows(length) * neg, d)]
+    scale = [_per_channel(mix.gamma[:, :, length], d)]
+    carry_end = None
+    if mix.beta_end is not None and mix.beta_all is not None and mix.carry is not None:
+        left.append(_per_channel(mix.beta_end * neg, d))
+        scale.append(_per_channel(mix.beta_all, d))
+        carry_end = _per_channel(mix.carry[:, :, length], d)
+    tau = None if cfg.read == "boundary" else slice(1, length + 1) if cfg.read == "online" else slice(0, length)
+    pre = _Pre(
+        q=q,
+        k=k,
+        v=v,
+        scale=torch.cat(scale, -1),
+        left=torch.stack(left, -2),
+        right=torch.cat([c * k for c in left], -1),
+        carry_end=carry_end,
+    )
+    if tau is not None:
+        pre.gamma = mix.gamma[:, :, tau]
+        pre.qs = pre.gamma * q
+        if mix.carry is not None:
+            pre.carry = mix.carry[:, :, tau]
+            pre.qs = torch.cat([pre.qs, pre.carry * q], -1)
+        pre.scores = mix.contract(tau, q, k) * -lr[:, :, None, :]
+        weights = mix.rows(tau) * neg[:, :, None]  # (R,H,L,L,w)
+        pre.weights = weights[..., 0] if weights.shape[-1] == 1 else weights
     if cfg.optimizer == "dgd":
-        k_hat = torch.nn.functional.normalize(k, dim=-1)
-        terms2.append(_Terms(plain, _dgd_updates(plain, W2e, k, k_hat, u, lr), k_hat))
+        _prepare_dgd(pre, mix, lr, tau)
+    return pre
 
-    if cfg.read == "boundary":
-        W1r, W2r = lin
-        if stop_delta is not None:
-            W1r, W2r = W1r + stop_delta[0], W2r + stop_delta[1]
-        pre = q @ W2r.transpose(-1, -2)
-        p = activation(pre)
+
+def _prepare_dgd(pre: _Pre, mix: _Mix, lr: Tensor, tau: slice | None) -> None:
+    """dgd's W2 directions w solve (I + diag(η) A) w = -diag(η) (W2_e (Γ ∘ k̂) + S_kk u) per segment."""
+    length, d = pre.k.shape[2], pre.k.shape[3]
+    k_hat = torch.nn.functional.normalize(pre.k, dim=-1)
+    own = slice(0, length)  # states 0..L-1: the state each token's factor multiplies
+    pre.kg = mix.gamma[:, :, own] * k_hat
+    A = mix.contract(own, k_hat, k_hat)
+    eye = torch.eye(length, dtype=A.dtype, device=A.device).expand_as(A)
+    inverse = torch.linalg.solve_triangular(eye + lr[..., None] * A, eye, upper=False, unitriangular=True)
+    pre.solve = inverse * -lr[:, :, None, :]
+    pre.solve_u = pre.solve @ (mix.contract(own, k_hat, pre.k) * -lr[:, :, None, :])
+    pre.dgd_right = _per_channel(mix.rows(length), d) * k_hat
+    if tau is not None:
+        pre.dgd_scores = mix.contract(tau, pre.q, k_hat)
+
+
+# ---------------------------------------------------------------- the per-block step
+
+
+def _step(
+    W1s: Tensor,
+    W2s: Tensor,
+    P1: Tensor,
+    P2: Tensor,
+    pre: _Pre,
+    cfg: MLPMemoryConfig,
+    stop_delta: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One segment linearised at (P1, P2), entering with the stacked state [W1; M1], [W2 | M2].
+
+    Returns the outputs (B,H,L,d) (meaningful at active tokens) and the stacked state after the block.
+    """
+    d = pre.q.shape[-1]
+    delta, s, u = token_gradients(P1, P2, pre.k, pre.v, cfg)
+    W2e = W2s[..., :d]
+    w = None
+    if pre.solve is not None and pre.kg is not None and pre.solve_u is not None:
+        w = pre.solve @ (pre.kg @ W2e.transpose(-1, -2)) + pre.solve_u @ u
+    if pre.qs is None or pre.scores is None or pre.weights is None or pre.gamma is None:  # boundary read
+        W1r, W2r = (P1, P2) if stop_delta is None else (P1 + stop_delta[0], P2 + stop_delta[1])
+        p = activation(pre.q @ W2r.transpose(-1, -2))
         z = p @ W1r.transpose(-1, -2)
     else:
-        tau = slice(1, length + 1) if cfg.read == "online" else slice(0, length)
-        gamma = mix.gamma[:, :, tau]
-        if mix.channel:
-            pre = (gamma * q) @ W2e.transpose(-1, -2)
-        else:
-            pre = gamma[..., None] * (q @ W2e.transpose(-1, -2))
-        pre = pre + _apply_in(terms2, tau, q)
-        if mix.carry is not None:
-            c_tau = mix.carry[:, :, tau]
-            pre = pre + ((c_tau * q) if mix.channel else c_tau[..., None] * q) @ M2e.transpose(-1, -2)
+        a = torch.baddbmm(
+            (pre.scores @ u).flatten(0, 1), pre.qs.flatten(0, 1), W2s.flatten(0, 1).transpose(-1, -2)
+        ).view(*u.shape)
+        if w is not None and pre.dgd_scores is not None:
+            a = a + pre.dgd_scores @ w
         if stop_delta is not None:
-            pre = pre + q @ stop_delta[1].transpose(-1, -2)
-        p = activation(pre)
-        z = p @ W1e.transpose(-1, -2)
-        z = (gamma * z if mix.channel else gamma[..., None] * z) + _apply_out(terms1, tau, p)
-        if mix.carry is not None:
-            c_tau = mix.carry[:, :, tau]
-            zm = p @ M1e.transpose(-1, -2)
-            z = z + (c_tau * zm if mix.channel else c_tau[..., None] * zm)
+            a = a + pre.q @ stop_delta[1].transpose(-1, -2)
+        p = activation(a)
+        zs = p @ W1s.transpose(-1, -2)  # (B,H,L,m·d): [W1_e p, M1_e p]
+        z = pre.gamma * zs[..., :d]
+        if pre.carry is not None:
+            z = z + pre.carry * zs[..., d:]
+        dots = p @ s.transpose(-1, -2)
+        if pre.weights.dim() == 4:
+            z = z + (pre.weights * dots) @ delta
+        else:  # Σ_s dots[τ, s] weights[τ, s, c] δ_s[c], one small product per query
+            z = z + (dots[..., :, None, :] @ (pre.weights * delta[..., None, :, :]))[..., 0, :]
         if stop_delta is not None:
             z = z + p @ stop_delta[0].transpose(-1, -2)
-    out = q + output_map(z, cfg)
+    out = pre.q + output_map(z, cfg)
 
-    # The state after the block (index L).
-    gamma_end = mix.gamma[:, :, length]
-    W1 = _scale(W1e, gamma_end, "out") + _end_out(terms1, length)
-    W2 = _scale(W2e, gamma_end, "in") + _end_in(terms2, length)
-    M1, M2 = M1e, M2e
-    if log_b is not None and mix.carry is not None:
-        c_end = mix.carry[:, :, length]
-        W1, W2 = W1 + _scale(M1e, c_end, "out"), W2 + _scale(M2e, c_end, "in")
-        # m after the block: β_0⋯β_{L-1} m_e - Σ_s (β_{s+1}⋯β_{L-1}) η_s g_s.
-        lb = log_b if not mix.channel or log_b.dim() == 4 else log_b[..., None].expand(*log_b.shape, d)
-        Bc = lb.cumsum(2)
-        b_end = (Bc[:, :, -1:] - Bc).exp()  # (B,H,L) or (B,H,L,d)
-        beta_all = Bc[:, :, -1].exp()
-        lead = b_end * lr[..., None] if mix.channel else (b_end * lr)[..., None]
-        M1 = _scale(M1e, beta_all, "out") - (lead * delta).transpose(-1, -2) @ s
-        M2 = _scale(M2e, beta_all, "in") - u.transpose(-1, -2) @ (lead * k)
-    return out, (W1, W2, M1, M2)
+    # The state after the block: decayed entering state (+ c_L ∘ m_e) plus the token terms.
+    left = (pre.left * delta[..., None, :]).flatten(-2)  # (B,H,L,m·d)
+    base1 = W1s * pre.scale[..., None]
+    base2 = W2s * pre.scale[..., None, :]
+    if pre.carry_end is not None:
+        base1[:, :, :d] += pre.carry_end[..., None] * W1s[:, :, d:]
+        base2[..., :d] += pre.carry_end[..., None, :] * W2s[..., d:]
+    # In place onto the fresh decayed states (baddbmm would first copy them).
+    base1.flatten(0, 1).baddbmm_(left.flatten(0, 1).transpose(-1, -2), s.flatten(0, 1))
+    base2.flatten(0, 1).baddbmm_(u.flatten(0, 1).transpose(-1, -2), pre.right.flatten(0, 1))
+    if w is not None and pre.dgd_right is not None:
+        base2.flatten(0, 1).baddbmm_(w.flatten(0, 1).transpose(-1, -2), pre.dgd_right.flatten(0, 1))
+    return out, base1, base2
 
 
-def _time_mask(mask: Tensor, rate: Tensor) -> Tensor:
-    """A (B,T) token mask viewed against a rate (B,H,T) or (B,H,T,d)."""
-    return mask[:, None, :, None] if rate.dim() == 4 else mask[:, None]
+# ---------------------------------------------------------------- blocks and phases
 
 
-def _masked_logs(active: Tensor, logs: Tensor) -> Tensor:
-    """Logs of a rate with the inactive tokens set to 0 (rate 1)."""
-    return torch.where(_time_mask(active, logs), logs, torch.zeros_like(logs))
+def _block_major(x: Tensor, blocks: int, chunk: int) -> Tensor:
+    """(B,H,T,...) -> (N·B,H,C,...) zero-padded to N·C tokens; block n is rows n·B..(n+1)·B."""
+    batch, heads, steps = x.shape[:3]
+    pad = blocks * chunk - steps
+    if pad:
+        x = torch.cat([x, x.new_zeros(batch, heads, pad, *x.shape[3:])], 2)
+    x = x.reshape(batch, heads, blocks, chunk, *x.shape[3:]).movedim(2, 0)
+    return x.reshape(blocks * batch, heads, chunk, *x.shape[4:])
+
+
+@dataclass
+class _Schedule:
+    """Which tokens of each block belong to the carried chunk (stage A) or to a chunk started in the block
+    (stage B), per row; all of it follows from the phases and lengths, not from the state.
+
+    stage_a, stage_b (N·B,L) block-major; opens, cut (N,B); phase, done after the call (B,)."""
+
+    stage_a: Tensor
+    stage_b: Tensor
+    opens: Tensor
+    cut: Tensor | None
+    phase: Tensor
+    done: Tensor
+
+
+def _pad_time(mask: Tensor, pad: int) -> Tensor:
+    """A (B,T) bool mask with ``pad`` False tokens appended."""
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1) if pad else mask
+
+
+def _schedule(state: MLPMemoryState, valid: Tensor, cuts: Tensor | None, blocks: int, chunk: int) -> _Schedule:
+    batch, steps = valid.shape
+    pad = blocks * chunk - steps
+    live = _pad_time(valid, pad).view(batch, blocks, chunk)
+    counts = live.sum(2)
+    phase = (state.phase[:, None] + counts.cumsum(1) - counts) % chunk  # (B,N) at each block's start
+    first = ((chunk - phase) % chunk)[..., None]  # local index of the (at most one) chunk start
+    local = torch.arange(chunk, device=valid.device)
+    stage_a, stage_b = live & (local < first), live & (local >= first)
+    opens = stage_b.any(2)
+    cut = None
+    if cuts is not None:
+        padded = _pad_time(cuts, pad).view(batch, blocks, chunk)
+        cut = padded.gather(2, first)[..., 0] & opens
+        cut = cut.t()
+    offset = state.phase + counts.sum(1)
+
+    def major(x: Tensor) -> Tensor:
+        return x.transpose(0, 1).reshape(blocks * batch, chunk)
+
+    return _Schedule(
+        major(stage_a), major(stage_b), opens.t(), cut, offset % chunk, state.chunks_done + offset // chunk
+    )
 
 
 def _where_rows(rows: Tensor, a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     mask = rows.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, x, y) for x, y in zip(a, b))
+
+
+def _masked(active: Tensor, x: Tensor, fill: float = 0.0) -> Tensor:
+    """x (R,H,L) or (R,H,L,d) with the tokens outside ``active`` (R,L) set to ``fill``."""
+    mask = active[:, None, :, None] if x.dim() == 4 else active[:, None]
+    return torch.where(mask, x, torch.full_like(x, fill))
+
+
+def _stack(a: Tensor, b: Tensor | None, dim: int) -> Tensor:
+    return a if b is None else torch.cat([a, b], dim)
 
 
 def chunked(
@@ -359,92 +482,87 @@ def chunked(
     """Same contract as ``reference.scan``, parallel inside each chunk (see the module docstring)."""
     if not has_parallel_form(cfg, retain, momentum):
         return _scan_fallback(q, k, v, lr, retain, state, cfg, lengths, momentum)
-    batch, _, steps, _ = q.shape
-    device = q.device
+    batch, _, steps, d = q.shape
+    if steps == 0:
+        return q.new_zeros(q.shape), state
+    device, chunk = q.device, cfg.chunk
     if lengths is None:
         lengths = torch.full((batch,), steps, dtype=torch.int64, device=device)
     valid = torch.arange(steps, device=device)[None, :] < lengths[:, None]
-    use_momentum = cfg.optimizer == "momentum_gd"
+    use_momentum = cfg.optimizer == "momentum_gd" and momentum is not None
 
-    stop = cfg.grad == "stop"
     carry = state
     stop_delta = None
-    if stop:
+    if cfg.grad == "stop":
         k, v, lr, retain = k.detach(), v.detach(), lr.detach(), retain.detach()
         momentum = None if momentum is None else momentum.detach()
         carry = state.detach()
         start1, start2 = init_rows(state.init1, batch), init_rows(state.init2, batch)
         stop_delta = (start1 - start1.detach(), start2 - start2.detach())
-    lr = torch.where(valid[:, None], lr, torch.zeros_like(lr))
-    log_a = torch.where(_time_mask(valid, retain), safe_log(retain), torch.zeros_like(retain))
-    log_b = None
-    if use_momentum and momentum is not None:
-        log_b = torch.where(_time_mask(valid, momentum), safe_log(momentum), torch.zeros_like(momentum))
     cuts = truncation_mask(state.phase, state.chunks_done, cfg, steps) & valid if cfg.grad == "truncate" else None
+    blocks = -(-steps // chunk)
+    plan = _schedule(state, valid, cuts, blocks, chunk)
+    has_a = plan.stage_a.view(blocks, batch, chunk).any(2).any(1).tolist()
+    all_open = plan.opens.all(1).tolist()
+    any_open = plan.opens.any(1).tolist()
+    full_b = plan.stage_b.view(blocks, batch * chunk).all(1).tolist()
+    cut_any = plan.cut.any(1).tolist() if plan.cut is not None else [False] * blocks
 
+    # Inputs block-major (N·B,H,C,·); logs of the rates; padding tokens inactive.
+    qb, kb, vb, lrb = (_block_major(x, blocks, chunk) for x in (q, k, v, lr))
+    lab = _block_major(safe_log(retain), blocks, chunk)
+    lbb = _block_major(safe_log(momentum), blocks, chunk) if use_momentum and momentum is not None else None
+
+    def prepare(rows: slice, active: Tensor) -> _Pre:
+        act = active[rows]
+        return _prepare(
+            qb[rows],
+            kb[rows],
+            vb[rows],
+            _masked(act, lrb[rows]),
+            _masked(act, lab[rows]),
+            None if lbb is None else _masked(act, lbb[rows]),
+            act,
+            cfg,
+        )
+
+    step = _step_fn(cfg)
     W1, W2, P1, P2, M1, M2 = carry.tensors()
-    phase, done = carry.phase, carry.chunks_done
+    W1s = _stack(W1, M1 if use_momentum else None, 2)
+    W2s = _stack(W2, M2 if use_momentum else None, 3)
+    group = max(1, GROUP_TOKENS // chunk)
     outputs = []
-    # Blocks as views from one split (its backward is one concatenation, where slicing each block
-    # would materialise a full-length zero gradient per block and input: O(T²/C) work).
-    pieces = [x.split(cfg.chunk, dim=2) for x in (q, k, v, lr, log_a)]
-    beta_pieces = None if log_b is None else log_b.split(cfg.chunk, dim=2)
-    for number, pos in enumerate(range(0, steps, cfg.chunk)):
-        end = min(pos + cfg.chunk, steps)
-        length = end - pos
-        local = torch.arange(length, device=device)
-        # Local index of the (at most one) chunk start in this block, per row.
-        first = (cfg.chunk - phase) % cfg.chunk
-        live = valid[:, pos:end]
-        stage_a = live & (local[None, :] < first[:, None])
-        stage_b = live & (local[None, :] >= first[:, None])
-        sl = slice(pos, end)
-        q_b, k_b, v_b, lr_b, la_b = (x[number] for x in pieces)
-        lb_b = None if beta_pieces is None else beta_pieces[number]
+    for g0 in range(0, blocks, group):
+        g1 = min(blocks, g0 + group)
+        rows = slice(g0 * batch, g1 * batch)
+        pre_b = prepare(rows, plan.stage_b)
+        pre_a = prepare(rows, plan.stage_a) if any(has_a[g0:g1]) else None
+        for n in range(g0, g1):
+            mine = slice((n - g0) * batch, (n - g0 + 1) * batch)
+            out = q.new_zeros(batch, q.shape[1], chunk, d) if not full_b[n] else None
+            if has_a[n] and pre_a is not None and out is not None:
+                out_a, W1s, W2s = step(W1s, W2s, P1, P2, pre_a.rows(mine), cfg, stop_delta)
+                out = torch.where(plan.stage_a[rows][mine][:, None, :, None], out_a, out)
+            if any_open[n]:
+                if plan.cut is not None and cut_any[n]:
+                    W1s, W2s = _where_rows(plan.cut[n], (W1s.detach(), W2s.detach()), (W1s, W2s))
+                if all_open[n]:
+                    P1, P2 = W1s[:, :, :d], W2s[..., :d]
+                else:
+                    P1, P2 = _where_rows(plan.opens[n], (W1s[:, :, :d], W2s[..., :d]), (P1, P2))
+                out_b, W1s, W2s = step(W1s, W2s, P1, P2, pre_b.rows(mine), cfg, stop_delta)
+                out = out_b if out is None else torch.where(plan.stage_b[rows][mine][:, None, :, None], out_b, out)
+            assert out is not None
+            outputs.append(out)
 
-        def run(
-            enter: tuple[Tensor, Tensor, Tensor, Tensor],
-            lin: tuple[Tensor, Tensor],
-            active: Tensor,
-            blk: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None] = (q_b, k_b, v_b, lr_b, la_b, lb_b),
-        ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-            qs, ks, vs, lrs, las, lbs = blk
-            return _segment(
-                enter,
-                lin,
-                qs,
-                ks,
-                vs,
-                torch.where(active[:, None], lrs, torch.zeros_like(lrs)),
-                _masked_logs(active, las),
-                None if lbs is None else _masked_logs(active, lbs),
-                active,
-                cfg,
-                stop_delta,
-            )
-
-        out = q.new_zeros(q_b.shape)
-        if bool(stage_a.any()):
-            out_a, (W1, W2, M1, M2) = run((W1, W2, M1, M2), (P1, P2), stage_a)
-            out = torch.where(stage_a[:, None, :, None], out_a, out)
-        opens = stage_b.any(1)
-        if bool(opens.any()):
-            if cuts is not None:
-                cut = cuts[:, sl].gather(1, first.clamp_max(length - 1)[:, None])[:, 0] & opens
-                W1, W2, M1, M2 = _where_rows(
-                    cut, (W1.detach(), W2.detach(), M1.detach(), M2.detach()), (W1, W2, M1, M2)
-                )
-            P1, P2 = _where_rows(opens, (W1, W2), (P1, P2))
-            out_b, (W1, W2, M1, M2) = run((W1, W2, M1, M2), (P1, P2), stage_b)
-            out = torch.where(stage_b[:, None, :, None], out_b, out)
-        outputs.append(out)
-        offset = phase + live.sum(1)
-        phase, done = offset % cfg.chunk, done + offset // cfg.chunk
-
-    o = torch.cat(outputs, dim=2) if outputs else q.new_zeros(q.shape)
+    o = torch.cat(outputs, dim=2)[:, :, :steps]
+    W1, W2 = W1s[:, :, :d].contiguous(), W2s[..., :d].contiguous()
+    if use_momentum:
+        M1, M2 = W1s[:, :, d:].contiguous(), W2s[..., d:].contiguous()
+    P1, P2 = P1.contiguous(), P2.contiguous()
     if stop_delta is not None:
         W1, W2 = W1 + stop_delta[0], W2 + stop_delta[1]
         P1, P2 = P1 + stop_delta[0], P2 + stop_delta[1]
     o = torch.where(valid[:, None, :, None], o, torch.zeros_like(o))
-    new_state = MLPMemoryState(W1, W2, P1, P2, phase, done, state.init1, state.init2, M1, M2)
+    new_state = MLPMemoryState(W1, W2, P1, P2, plan.phase, plan.done, state.init1, state.init2, M1, M2)
     return o, new_state
