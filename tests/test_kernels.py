@@ -258,3 +258,58 @@ def test_backend_triton_without_gpu_needs_the_interpreter(monkeypatch: pytest.Mo
     assert kernels.resolve_backend("auto") == "chunked"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.resolve_backend("triton") == "triton"
+
+
+# ---- the 2-layer MLP memory: the generated per-chunk forward and update (backward: the PyTorch recompute)
+
+
+def _mlp_compare(objective: str, read: str, chunk: int, norm: bool, steps: int, dtype=torch.float32, lengths=None):
+    from nestc_runtime.ops.mlp_memory import MLPMemoryConfig, MLPMemoryState
+    from nestc_runtime.ops.mlp_memory import scan as mlp_scan
+    from nestc_runtime.ops.mlp_memory import triton as mlp_kernels
+
+    cfg = MLPMemoryConfig(objective=objective, chunk=chunk, read=read, norm=norm)
+    batch, heads, d, hidden = (1 if lengths is None else len(lengths)), 2, 16, 32
+    g = torch.Generator().manual_seed(11)
+    leaves = _leaves(batch, heads, steps, d, dtype, 11)[:5]
+    inits = [torch.randn(heads, d, hidden, generator=g) / hidden**0.5, torch.randn(heads, hidden, d, generator=g) / 4]
+    leaves += [x.to(dtype).double().requires_grad_() for x in inits]
+
+    def run(op, dt):
+        q, k, v, lr, retain, w1, w2 = (x.to(dt) for x in leaves)
+        state = MLPMemoryState.initial(w1, w2, batch)
+        if op is mlp_kernels.triton_chunked:
+            assert mlp_kernels.why_not(cfg, q, retain, state) is None
+        o, after = op(q, k, v, lr, retain, state, cfg, lengths=lengths)
+        weights = torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o)
+        loss = (o.double() * weights).sum() + after.W1.double().square().sum() + after.W2.double().square().sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        return o, after, grads
+
+    o_ref, s_ref, g_ref = run(mlp_scan, torch.float64)
+    o, s, grads = run(mlp_kernels.triton_chunked, dtype)
+    out_tol, grad_tol = (F32_TOL, F32_TOL) if dtype == torch.float32 else (BF16_OUT_TOL, BF16_GRAD_TOL)
+    assert _rel(o, o_ref) <= out_tol
+    for got, want in ((s.W1, s_ref.W1), (s.W2, s_ref.W2), (s.P1, s_ref.P1), (s.P2, s_ref.P2)):
+        assert _rel(got, want) <= out_tol
+    assert torch.equal(s.phase, s_ref.phase) and torch.equal(s.chunks_done, s_ref.chunks_done)
+    for name, got, want in zip(("q", "k", "v", "lr", "retain", "W1", "W2"), grads, g_ref):
+        assert _rel(got, want) <= grad_tol, name
+
+
+@pytest.mark.parametrize(
+    ("objective", "read", "chunk", "norm", "steps"),
+    [
+        ("l2", "online", 16, True, 33),  # x + LN(W1 silu(W2 x)), the Titans form (here with gd)
+        ("l2", "before", 16, False, 31),  # x + W1 silu(W2 x), the self-modifying Titans form
+        ("dot", "boundary", 16, True, 17),
+        ("l2", "online", 32, False, 47),
+    ],
+)
+def test_mlp_kernels_equal_reference_fp32(objective: str, read: str, chunk: int, norm: bool, steps: int):
+    _mlp_compare(objective, read, chunk, norm, steps)
+
+
+def test_mlp_kernel_bf16_and_variable_length():
+    _mlp_compare("l2", "online", 16, True, 33, dtype=torch.bfloat16)
+    _mlp_compare("l2", "online", 16, False, 40, lengths=torch.tensor([40, 21]))

@@ -6,15 +6,19 @@ it cannot find on disk; `write_level_kernels` writes a compiled system's kernels
 
 from __future__ import annotations
 
-from nestc_runtime.kernels.key import MatrixKernelKey
+from nestc_runtime.kernels.key import MatrixKernelKey, MLPKernelKey, parse_key
 
 from .emit import write_level_kernels
-from .render import GeneratedKernel, Section, render_matrix
+from .render import GeneratedKernel, Section, render_matrix, render_mlp
+
+
+def render(key: MatrixKernelKey | MLPKernelKey) -> GeneratedKernel:
+    return render_mlp(key) if isinstance(key, MLPKernelKey) else render_matrix(key)
 
 
 def source_for(key_text: str) -> str:
     """The generated source of a key given as text (what the runtime's generator hook is called with)."""
-    return render_matrix(MatrixKernelKey.parse(key_text)).source
+    return render(parse_key(key_text)).source
 
 
 def install() -> None:

@@ -12,20 +12,22 @@ from pathlib import Path
 
 import torch
 
-from nestc_runtime.kernels.key import block_for_chunk
+from nestc_runtime.kernels.key import MLPKernelKey, block_for_chunk
 from nestc_runtime.ops.matrix_memory.state import MatrixMemoryConfig
 from nestc_runtime.ops.matrix_memory.triton import kernel_key
 from nestc_runtime.plan import LevelPlan, Plan
 
 from ..diagnostics import Source, Span
 from ..ir import models as ir
-from .render import GeneratedKernel, render_matrix
+from .render import GeneratedKernel, render_matrix, render_mlp
 
 DTYPES = (torch.float32, torch.bfloat16)
 
 
 def level_keys(level: LevelPlan) -> list[GeneratedKernel]:
     """The kernels a level runs on a GPU (one per dtype), or none when no kernel covers its combination."""
+    if level.kind == "mlp":
+        return _mlp_keys(level)
     if level.kind != "matrix" or (level.objective or "l2") not in ("dot", "l2"):
         return []
     if (level.optimizer or "gd") not in ("gd", "dgd", "momentum_gd") or block_for_chunk(level.chunk) is None:
@@ -43,6 +45,24 @@ def level_keys(level: LevelPlan) -> list[GeneratedKernel]:
         return [render_matrix(kernel_key(cfg, level.d_key, level.d_value, dtype)) for dtype in DTYPES]
     except ValueError:  # head dims or a combination without a kernel
         return []
+
+
+def _mlp_keys(level: LevelPlan) -> list[GeneratedKernel]:
+    """A 2-layer SiLU MLP memory under `gd` with a per-head retention, every 16/32/64 tokens."""
+    options = level.options
+    plain = options.get("activation", "silu") == "silu" and options.get("depth", 2) == 2
+    if not plain or (level.objective or "l2") not in ("dot", "l2") or (level.optimizer or "gd") != "gd":
+        return []
+    if any(rate.shape == "channel" for rate in level.rates.values()) or level.gradient != "through":
+        return []
+    try:
+        hidden = int(options.get("expand", 4) * level.d_key)
+        norm = options.get("norm") == "layernorm"
+        keys = [MLPKernelKey(level.objective or "l2", level.read, level.chunk, level.d_key, hidden, norm, dtype)
+                for dtype in ("fp32", "bf16")]  # fmt: skip
+    except ValueError:  # sizes or a chunk without a kernel
+        return []
+    return [render_mlp(key) for key in keys]
 
 
 def _where(span: Span, source: Source) -> str:

@@ -13,7 +13,7 @@ from importlib import resources
 
 import jinja2
 
-from nestc_runtime.kernels.key import MatrixKernelKey
+from nestc_runtime.kernels.key import MatrixKernelKey, MLPKernelKey
 
 INNER_BLANK = re.compile(r"\n\n(?=        )")
 MARKER = re.compile(r"^\s*# nest: (memory|objective|optimizer|update|read)$")
@@ -30,7 +30,7 @@ class Section:
 
 @dataclass(frozen=True)
 class GeneratedKernel:
-    key: MatrixKernelKey
+    key: MatrixKernelKey | MLPKernelKey
     source: str
     sections: tuple[Section, ...]
 
@@ -133,4 +133,26 @@ def render_matrix(key: MatrixKernelKey) -> GeneratedKernel:
         template, context = "matrix_memory.py.jinja", _matrix_context(key)
     source = _environment().get_template(template).render(**context)
     source = INNER_BLANK.sub("\n", source)  # a macro's closing newline inside a loop body
+    return GeneratedKernel(key, source, sections_of(source))
+
+
+LN_EPS = 1e-5  # the runtime's LayerNorm epsilon (MLPMemoryConfig.ln_eps)
+
+
+@functools.lru_cache(maxsize=256)
+def render_mlp(key: MLPKernelKey) -> GeneratedKernel:
+    """The Triton module (forward and update) for an MLP-memory key (cached by key)."""
+    context = {
+        "key_text": key.text(),
+        "C": key.chunk,
+        "D": key.d,
+        "H": key.hidden,
+        "norm": key.norm,
+        "ln_eps": repr(LN_EPS),
+        "objective": key.objective,
+        "read": key.read,
+        "precision": "ieee" if key.dtype == "fp32" else "tf32",
+    }
+    source = _environment().get_template("mlp_memory.py.jinja").render(**context)
+    source = INNER_BLANK.sub("\n", source)
     return GeneratedKernel(key, source, sections_of(source))

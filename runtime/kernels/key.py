@@ -108,3 +108,65 @@ def _number(word: str, prefix: str) -> int:
 def _choice(name: str, value: object, choices: tuple[object, ...]) -> None:
     if value not in choices:
         raise ValueError(f"kernel key: {name} must be one of {choices}, got {value!r}")
+
+
+HIDDEN_DIMS = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class MLPKernelKey:
+    """A 2-layer MLP memory M(x) = x + [LN](W1 σ(W2 x)), σ = SiLU, updated by `gd` with a per-head retention
+    every C tokens (C = the block: 16, 32 or 64), objective `dot` or `l2`: memory × objective × optimizer ×
+    read × chunk × d × hidden × norm × dtype."""
+
+    objective: str
+    read: str
+    chunk: int
+    d: int
+    hidden: int
+    norm: bool
+    dtype: str
+
+    def __post_init__(self) -> None:
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("read", self.read, READS)
+        _choice("chunk", self.chunk, BLOCKS)
+        _choice("d", self.d, HEAD_DIMS)
+        _choice("hidden", self.hidden, HIDDEN_DIMS)
+        _choice("norm", self.norm, (True, False))
+        _choice("dtype", self.dtype, DTYPES)
+
+    @property
+    def block(self) -> int:
+        return self.chunk
+
+    def text(self) -> str:
+        norm = "ln" if self.norm else "plain"
+        return f"mlp-{self.objective}-gd-{self.read}-c{self.chunk}-d{self.d}-h{self.hidden}-{norm}-{self.dtype}"
+
+    def digest(self) -> str:
+        return "k" + hashlib.sha256(self.text().encode()).hexdigest()[:16]
+
+    @classmethod
+    def parse(cls, text: str) -> MLPKernelKey:
+        parts = text.split("-")
+        if len(parts) != 9 or parts[0] != "mlp" or parts[2] != "gd" or parts[7] not in ("ln", "plain"):
+            raise ValueError(f"not an MLP kernel key: {text!r}")
+        _, objective, _, read, chunk, d, hidden, norm, dtype = parts
+        return cls(
+            objective=objective,
+            read=read,
+            chunk=_number(chunk, "c"),
+            d=_number(d, "d"),
+            hidden=_number(hidden, "h"),
+            norm=norm == "ln",
+            dtype=dtype,
+        )
+
+
+KernelKey = MatrixKernelKey | MLPKernelKey
+
+
+def parse_key(text: str) -> KernelKey:
+    """A matrix or MLP kernel key from its text; anything else is a ValueError."""
+    return MLPKernelKey.parse(text) if text.startswith("mlp-") else MatrixKernelKey.parse(text)

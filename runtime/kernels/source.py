@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import RuntimeInputError
-from .key import MatrixKernelKey
+from .key import KernelKey
 
 Generator = Callable[[str], str]
 
@@ -54,7 +54,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NESTC_KERNEL_CACHE") or Path.home() / ".cache" / "nestc" / "kernels")
 
 
-def _find(key: MatrixKernelKey) -> Path | None:
+def _find(key: KernelKey) -> Path | None:
     name = f"{key.digest()}.py"
     for directory in [*_kernel_dirs, cache_dir()]:
         if (directory / name).is_file():
@@ -62,7 +62,7 @@ def _find(key: MatrixKernelKey) -> Path | None:
     return None
 
 
-def _generate(key: MatrixKernelKey) -> Path:
+def _generate(key: KernelKey) -> Path:
     if _generator is None:
         raise RuntimeInputError(
             f"no generated kernel for `{key.text()}`",
@@ -76,7 +76,7 @@ def _generate(key: MatrixKernelKey) -> Path:
     return path
 
 
-def kernel_module(key: MatrixKernelKey) -> ModuleType:
+def kernel_module(key: KernelKey) -> ModuleType:
     """The imported module of a key's generated kernels (imported once per process)."""
     text = key.text()
     with _lock:
