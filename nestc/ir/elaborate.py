@@ -234,6 +234,9 @@ class Elaborator:
                 "E016", "a level repeats over a non-empty list", over.span, "e.g. `level cms[c in [16, 64, 256]]`"
             )
             return []
+        if len(value) > MAX_REPEAT:  # each value is a level instance: refuse a memory bomb early
+            self.bag.error("E016", f"a level repeats over {len(value)} values", over.span, f"at most {MAX_REPEAT}")
+            return []
         return value
 
     def _level(self, level: ast.Level, name: str) -> ir.Level | None:
