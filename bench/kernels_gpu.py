@@ -11,8 +11,11 @@ Rows, forward and forward+backward, bf16 inputs, medians of `triton.testing.do_b
   - the roofline: achieved GB/s (bytes of q, k, v, o, η, α and the per-block states the kernel writes)
     against the measured device copy rate, and TFLOP/s (the kernel's matmul FLOPs, counted below) against
     the measured bf16 matmul rate;
-  - the Titans MLP memory (d = 256, 4 heads, chunk 16, batch 2, T = 1024): nestc's chunked MLP op on the GPU
-    (no generated MLP kernel exists yet, see the README) vs titans-pytorch's NeuralMemory, when installed.
+  - the Titans MLP memory (d = 256, 4 heads, chunk 16, batch 2, T = 1024): nestc's titans_lmm memory level on
+    the GPU (momentum and per-channel retention: no generated kernel covers it, so this is the chunked PyTorch
+    path), nestc's generated MLP kernel on the nearest covered model (the same MLP x + LN(W1 silu(W2 x)) and
+    sizes, `gd` with a per-head retention; forward, and forward+backward whose backward is the PyTorch
+    recompute), and titans-pytorch's NeuralMemory, when installed.
 Targets (issue #18): within 1.2x of flash-linear-attention's time on its shapes; >= 10x titans-pytorch.
 
 Run: python bench/kernels_gpu.py [--quick]; results go to bench/results/kernels_gpu.{json,md}.
@@ -157,6 +160,7 @@ def mlp_rows() -> list[dict[str, Any]]:
     row["nestc_chunked_fwd_ms"] = bench(
         lambda: level.forward_window(h, level.init_state(B, like), None, None, reference=False)
     )
+    row.update(mlp_kernel_times(B, T, d // H, H, C))
     try:
         from titans_pytorch import NeuralMemory
 
@@ -167,6 +171,29 @@ def mlp_rows() -> list[dict[str, Any]]:
         row["titans_pytorch"] = f"not installed ({exc})"
     print(row, flush=True)
     return [row]
+
+
+def mlp_kernel_times(B: int, T: int, d: int, H: int, C: int) -> dict[str, float]:
+    """The generated MLP-memory kernel (gd, per-head retention, LN), per head d, hidden 4d, bf16 inputs."""
+    from nestc_runtime.ops.mlp_memory import MLPMemoryConfig, MLPMemoryState
+    from nestc_runtime.ops.mlp_memory.triton import triton_chunked, why_not
+
+    cfg = MLPMemoryConfig(objective="l2", chunk=C, read="online", norm=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, d, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
+    lr = torch.full((B, H, T), 0.1, device="cuda")
+    retain = torch.full((B, H, T), 0.99, device="cuda")
+    w1 = (torch.randn(H, d, 4 * d, device="cuda", generator=g) / (4 * d) ** 0.5).requires_grad_()
+    w2 = (torch.randn(H, 4 * d, d, device="cuda", generator=g) / d**0.5).requires_grad_()
+    reason = why_not(cfg, q, retain, MLPMemoryState.initial(w1, w2, B))
+    if reason is not None:
+        return {"nestc_mlp_kernel": reason}  # type: ignore[dict-item]
+
+    def call() -> torch.Tensor:
+        return triton_chunked(q, k, v, lr, retain, MLPMemoryState.initial(w1, w2, B), cfg)[0]
+
+    times = timed(call)
+    return {"nestc_mlp_kernel_fwd_ms": times["fwd_ms"], "nestc_mlp_kernel_fwd_bwd_ms": times["fwd_bwd_ms"]}
 
 
 def write(results: dict[str, Any]) -> None:

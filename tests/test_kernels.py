@@ -202,6 +202,18 @@ def test_calls_without_a_kernel_say_why_and_run_the_chunked_path():
     assert torch.equal(o, chunked(q, k, v, lr, retain, state, cfg)[0])
 
 
+def test_without_generated_source_the_chunked_path_runs(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """A runtime-only process (no compiler installed as generator, no compiled directory) runs the PyTorch path."""
+    monkeypatch.setattr(source, "_generator", None)
+    monkeypatch.setenv("NESTC_KERNEL_CACHE", str(tmp_path))
+    q, k, v, lr, retain, _, init = (x.detach().float() for x in _leaves(1, 1, 8, 32, torch.float32, 8))
+    state = MatrixMemoryState.initial(init, 1)
+    cfg = _cfg("dot", "gd", "before", "online", 32)
+    assert "no generated source" in kernels.why_not(cfg, q, retain, state)
+    o, _ = kernels.triton_chunked(q, k, v, lr, retain, state, cfg)
+    assert torch.equal(o, chunked(q, k, v, lr, retain, state, cfg)[0])
+
+
 def test_custom_op_registrations():
     """torch.library's own checks of the schema, the fake (meta) kernel and the autograd formula."""
     from nestc_runtime.kernels.matrix_ops import matrix_memory_forward

@@ -76,7 +76,7 @@ def _recompute(key: str, inputs: list[Tensor]) -> tuple[Tensor, ...]:
 def mlp_memory_backward(key: str, inputs: list[Tensor], grads_out: list[Tensor]) -> list[Tensor]:
     """The gradients of q, k, v, eta, log_retain, w1, w2 given those of (o, w1_end, w2_end, h1, h2)."""
     # torch.func's vjp runs its own autograd level, so it works below the dispatcher's autograd key too
-    _, pullback = torch.func.vjp(lambda *xs: _recompute(key, list(xs)), *inputs)
+    pullback = torch.func.vjp(lambda *xs: _recompute(key, list(xs)), *inputs)[1]
     return [g.contiguous() for g in pullback(tuple(grads_out))]
 
 

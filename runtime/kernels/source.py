@@ -62,6 +62,11 @@ def _find(key: KernelKey) -> Path | None:
     return None
 
 
+def available(key: KernelKey) -> bool:
+    """Whether a key's source can be had: already imported, on disk, or from an installed generator."""
+    return key.text() in _modules or _generator is not None or _find(key) is not None
+
+
 def _generate(key: KernelKey) -> Path:
     if _generator is None:
         raise RuntimeInputError(

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ...errors import RuntimeInputError
 from ...kernels.key import BLOCKS, DTYPES, HEAD_DIMS, MatrixKernelKey, block_for_chunk
+from ...kernels.source import available
 from .chunked import chunked
 from .state import MatrixMemoryConfig, MatrixMemoryState, init_rows, safe_log_retain
 
@@ -77,7 +78,10 @@ def why_not(
         (q.shape[2] > 0, "an empty call"),
         (_starts_chunks(state), "a call that starts inside a chunk"),
     ]
-    return next((f"no kernel for {what}" for ok, what in checks if not ok), None)
+    reason = next((f"no kernel for {what}" for ok, what in checks if not ok), None)
+    if reason is None and not available(kernel_key(cfg, q.shape[-1], state.S.shape[-2], q.dtype)):
+        reason = "no generated source for this kernel (load a `nestc compile -o` directory, or nestc.codegen.install())"
+    return reason
 
 
 def _starts_chunks(state: MatrixMemoryState) -> bool:

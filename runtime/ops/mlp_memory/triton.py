@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ...kernels.key import BLOCKS, HEAD_DIMS, HIDDEN_DIMS, MLPKernelKey
+from ...kernels.source import available
 from ..matrix_memory.triton import interpreting
 from .chunked import chunked
 from .state import MLPMemoryConfig, MLPMemoryState, safe_log
@@ -35,7 +36,10 @@ def why_not(cfg: MLPMemoryConfig, q: Tensor, retain: Tensor, state: MLPMemorySta
         (q.shape[2] > 0, "an empty call"),
         (torch.compiler.is_compiling() or bool((state.phase == 0).all()), "a call that starts inside a chunk"),
     ]
-    return next((f"no kernel for {what}" for ok, what in checks if not ok), None)
+    reason = next((f"no kernel for {what}" for ok, what in checks if not ok), None)
+    if reason is None and not available(kernel_key(cfg, d, hidden, q.dtype)):
+        reason = "no generated source for this kernel (load a `nestc compile -o` directory, or nestc.codegen.install())"
+    return reason
 
 
 def kernel_key(cfg: MLPMemoryConfig, d: int, hidden: int, dtype: torch.dtype) -> MLPKernelKey:
@@ -64,7 +68,8 @@ def triton_chunked(
     valid = torch.arange(steps, device=q.device)[None, :] < lengths[:, None]
     eta = torch.where(valid[:, None], lr.float(), 0.0)  # padding: η = 0 and α = 1 leave the weights alone
     log_retain = torch.where(valid[:, None], safe_log(retain.float()), 0.0)
-    key = kernel_key(cfg, *state.W1.shape[-2:], q.dtype).text()
+    d, hidden = state.W1.shape[-2:]
+    key = kernel_key(cfg, d, hidden, q.dtype).text()
     o, w1, w2, h1, h2 = mlp_memory_forward(key, q, k, v.to(q.dtype), eta, log_retain, state.W1, state.W2)
     consumed = (lengths > 0).view(-1, 1, 1, 1)
     rows = torch.arange(batch, device=q.device)
