@@ -27,6 +27,7 @@ from .resources import require_fits
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
 FORMATS = click.Choice(["text", "json"])
+BACKENDS = ["auto", "chunked", "reference", "triton"]  # triton: generated kernels (auto picks them on a GPU)
 TRAIN_TASKS = ["mqar", "niah", "continual", "memorize"]
 EVAL_TASKS = ["mqar", "niah", "ppl", "continual", "memorize"]
 EVAL_TOKENS = 1024  # the longest sequence an evaluation task scores at once, for the memory estimate
@@ -109,6 +110,9 @@ def _compile(
     base_params: dict[str, ParamValue] | None = None,
 ) -> tuple[Compilation, dict[str, str]]:
     """Compile SPEC with its parameters from `base_params` (a config file, a tokenizer's vocab), then --set."""
+    from .codegen import install
+
+    install()  # a model built from this compilation asks the compiler for its Triton kernels
     params, settings = _parse_sets(sets)
     compilation = front_end(spec, {**(base_params or {}), **params}, seq_len)
     if compilation.warnings and fmt == "text":
@@ -201,7 +205,8 @@ def show(spec: str, sets: tuple[str, ...], fmt: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Override a spec parameter.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def compile_cmd(spec: str, out: str, sets: tuple[str, ...], fmt: str) -> None:
-    """Compile SPEC into DIR: plan.json (what the runtime runs), ir.json, schedule.txt, the spec."""
+    """Compile SPEC into DIR: plan.json (what the runtime runs), ir.json, schedule.txt, the spec, and the
+    generated Triton kernels of its levels with their line maps (kernels/)."""
     compilation, _ = _compile(spec, sets, "text")
     plan = to_plan(compilation)
     directory = Path(out)
@@ -209,7 +214,10 @@ def compile_cmd(spec: str, out: str, sets: tuple[str, ...], fmt: str) -> None:
     _write_atomic(directory / "ir.json", compilation.system.model_dump_json(indent=2))
     _write_atomic(directory / "schedule.txt", _schedule_text(plan))
     _write_atomic(directory / "spec.nest", compilation.source.text)
-    files = ["plan.json", "ir.json", "schedule.txt", "spec.nest"]
+    from .codegen import write_level_kernels
+
+    kernels = write_level_kernels(plan, compilation.system, compilation.source, directory)  # Triton, per level
+    files = ["plan.json", "ir.json", "schedule.txt", "spec.nest", *kernels]
     _report(
         fmt,
         f"{compilation.path}: compiled to {directory}/ ({', '.join(files)})",
@@ -326,7 +334,7 @@ def explain(code: str, fmt: str) -> None:
 )
 @click.option("--batch", type=click.IntRange(min=1), default=None)
 @click.option("--seq-len", type=click.IntRange(min=2), default=None)
-@click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @FORCE
@@ -440,7 +448,7 @@ def train(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated evaluation set.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
-@click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @FORCE
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def eval_cmd(
@@ -514,7 +522,7 @@ def _load_trained(
     help="Memory state file (safetensors): loaded if it exists, saved after generating.",
 )
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
-@click.option("--backend", type=click.Choice(["auto", "chunked", "reference"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @FORCE
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def generate(

@@ -25,10 +25,11 @@ from .errors import RuntimeInputError
 from .layers import LAYERS
 from .levels import Level, LevelState, Probe, level_class, where_rows
 from .levels.task import TaskLevel, TaskRead, TaskState
+from .ops.matrix_memory.triton import resolve_backend
 from .ops.sequence_layers import STATELESS_LAYERS
 from .plan import LayerPlan, Plan
 
-BACKENDS = ("reference", "chunked", "auto")
+BACKENDS = ("reference", "chunked", "triton", "auto")
 States = dict[str, LevelState]
 
 
@@ -155,7 +156,10 @@ class CompiledModel(nn.Module):
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
             raise RuntimeInputError(f"unknown backend {value!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-        self._backend = "chunked" if value == "auto" else value
+        self._backend = resolve_backend(value)
+        fast = "chunked" if self._backend == "reference" else self._backend
+        for level in self.levels.values():  # the memory levels' fast path: PyTorch or the generated kernels
+            setattr(level, "fast_path", fast)  # noqa: B010 (mypy types nn.Module attributes as tensors)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The outer optimizer levels with the parameters each trains (exclusive: rule 3 of DESIGN §3).

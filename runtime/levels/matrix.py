@@ -9,12 +9,15 @@ import torch
 from torch import Tensor
 
 from ..ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
+from ..ops.matrix_memory.triton import triton_chunked
 from ..ops.memory_maps import run_memory
 from ..plan import LevelPlan
 from .base import Level, LevelState, op_settings
 
 
 class MatrixLevel(Level):
+    fast_path = "chunked"  # or "triton": the generated kernels (CompiledModel's backend sets it)
+
     def __init__(self, plan: LevelPlan, d: int, instance: str) -> None:
         super().__init__(plan, d, instance)
         self.config = MatrixMemoryConfig(decay=plan.decay, **op_settings(plan))
@@ -30,4 +33,5 @@ class MatrixLevel(Level):
         return torch.einsum("bhvk,bthk->bthv", boundary, q).flatten(-2)
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
-        return run_memory(scan, chunked, x, op_state, self.config, lengths, reference)
+        fast = triton_chunked if self.fast_path == "triton" else chunked
+        return run_memory(scan, fast, x, op_state, self.config, lengths, reference)

@@ -12,11 +12,14 @@ from torch import Tensor, nn
 from ..ops.memory_maps import run_memory
 from ..ops.mlp_memory import MLPMemoryConfig, MLPMemoryState, chunked, scan
 from ..ops.mlp_memory.state import apply_memory
+from ..ops.mlp_memory.triton import triton_chunked
 from ..plan import LevelPlan
 from .base import Level, LevelState, op_settings
 
 
 class MLPLevel(Level):
+    fast_path = "chunked"  # or "triton": the generated kernel (CompiledModel's backend sets it)
+
     def __init__(self, plan: LevelPlan, d: int, instance: str) -> None:
         super().__init__(plan, d, instance)
         heads, dk = plan.heads, plan.d_key
@@ -30,6 +33,7 @@ class MLPLevel(Level):
         self.config = MLPMemoryConfig(
             norm=plan.options.get("norm") == "layernorm",
             activation=plan.options.get("activation", "silu"),
+            dgd_both=plan.dgd_both,
             **op_settings(plan),
         )
 
@@ -44,4 +48,5 @@ class MLPLevel(Level):
         return apply_memory(W1, W2, x, self.config).transpose(1, 2).flatten(-2)
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
-        return run_memory(scan, chunked, x, op_state, self.config, lengths, reference)
+        fast = triton_chunked if self.fast_path == "triton" else chunked
+        return run_memory(scan, fast, x, op_state, self.config, lengths, reference)
