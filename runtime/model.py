@@ -162,28 +162,12 @@ class CompiledModel(nn.Module):
             setattr(level, "fast_path", fast)  # noqa: B010 (mypy types nn.Module attributes as tensors)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        """The outer optimizer levels with the parameters each trains (exclusive: rule 3 of DESIGN §3).
+        """The outer optimizer levels with the parameters each trains (exclusive: rule 3 of DESIGN §3), as
+        `build_optimizers` takes them: `params` selectors, owners (`level memory in pretrain`) and the
+        default owner resolved by `training.optimizers_select`."""
+        from .training.optimizers_select import group_dicts
 
-        A level's projections go to the optimizer level that owns it (`level memory in pretrain`); every
-        other parameter goes to the default owner, the outermost `every step` level."""
-        params: dict[str, list[nn.Parameter]] = {o.name: [] for o in self.plan.optimizers}
-        owner_of = {lv: o.name for o in self.plan.optimizers for lv in o.owns_levels}
-        default = next((o.name for o in self.plan.optimizers if o.default), None)
-        claimed: set[int] = set()
-        for level in self.levels.values():
-            group = owner_of.get(level.plan.name, default)
-            for p in level.parameters():
-                if group is not None and id(p) not in claimed:
-                    params[group].append(p)
-                    claimed.add(id(p))
-        for p in self.parameters():
-            if id(p) not in claimed and default is not None:
-                params[default].append(p)
-        return [
-            {"name": o.name, "kind": o.kind, "params": params[o.name], **o.hyper}
-            for o in self.plan.optimizers
-            if params[o.name]
-        ]
+        return group_dicts(self, self.plan.optimizers, self.levels)
 
     def init_state(self, batch: int) -> ModelState:
         like = next(self.parameters())

@@ -26,6 +26,7 @@ LAYER_OPS |= {"memory", "residual", "gate", "parallel", "prefix", "read"}
 LEVEL_KINDS = {"matrix", "mlp", "kv"}
 OPTIONS = {"depth", "expand", "residual", "norm", "activation", "window", "segment", "scale", "persistent"}
 OPTIONS |= {"interleaved"}
+OUTER_KINDS = {"adamw", "sgd", "momentum", "muon", "m3", "dmgd"}
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LevelPlan:
     steps: int | None = None  # newton_schulz's iterations (None: 5)
     lam: float | None = None  # delta_momentum's λ (None: 1)
     window: int = 1  # the objective sums ℓ over the last `window` keys and values (Omega rule)
+    dgd_both: bool = False  # `dgd(both)` on an MLP memory: the rank-one factor on both maps
 
 
 @dataclass
@@ -83,15 +85,19 @@ class LayerPlan:
 
 @dataclass
 class OptimizerGroupPlan:
-    """An outer optimizer level and the parameters it trains: those of the in-context levels it owns,
-    and, for the default owner, every parameter no other group claims (the model's layers)."""
+    """An outer optimizer level and the parameters it trains: those its `params` selectors name (categories
+    or levels), those of the in-context levels it owns, and, for the default owner, every parameter no other
+    group claims (runtime/training/optimizers_select.py resolves them). `memory`: the gradient-memory level
+    whose state `sgd` steps with instead of the raw gradient ({"objective", "lr", "retain"})."""
 
     name: str
-    kind: str  # "adamw" | "sgd"
+    kind: str  # one of OUTER_KINDS
     hyper: dict[str, float]
     every_steps: int
     owns_levels: list[str]
     default: bool
+    selectors: list[str] = field(default_factory=list)
+    memory: dict[str, Any] | None = None
 
 
 @dataclass
@@ -238,9 +244,12 @@ def _validate(raw: dict[str, Any]) -> Plan:
     optimizers = [OptimizerGroupPlan(**o) for o in raw["optimizers"]]
     for o in optimizers:
         _name(o.name)
-        _choice(o.kind, {"adamw", "sgd"})
-        for level_name in o.owns_levels:
+        _choice(o.kind, OUTER_KINDS)
+        for level_name in [*o.owns_levels, *o.selectors]:
             _name(level_name, INSTANCE)
+        if o.memory is not None:
+            _choice(o.memory.get("objective"), {"dot", "l2"})
+            o.memory = {"objective": o.memory["objective"], **{k: float(o.memory[k]) for k in ("lr", "retain")}}
     return Plan(
         system=_name(raw["system"]),
         params=dict(raw["params"]),

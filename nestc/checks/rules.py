@@ -299,6 +299,8 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
     for level in system.levels:
         if level.memory is None or level.inner is None or level.objective is None or level.objective.kind == "task":
             continue
+        if level.memory.kind == "gradients":  # steps once per training step: there is no sequence to scan
+            continue
         key = (level.memory.kind, level.inner.kind)
         mapped = level.memory.kind == "mlp" and level.memory.depth == 1
         if mapped:  # M(x) = [x +] [LN](W x) runs as a matrix memory with an output map

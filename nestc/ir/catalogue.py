@@ -41,6 +41,7 @@ MEMORIES: dict[str, Signature] = {
     "mlp": _sig("depth expand", "residual", norm=("none", "layernorm", "rmsnorm"), activation=("silu", "gelu", "relu")),
     "kv": _sig("window segment scale", persistent=()),
     "persistent": _sig("tokens"),
+    "gradients": _sig(),  # a key-less memory of the outer gradients of the parameters its owner trains
 }
 
 OBJECTIVES: dict[str, Signature] = {
@@ -67,7 +68,7 @@ OUTER_OPTIMIZERS: dict[str, Signature] = {
     "momentum": _sig("lr beta weight_decay"),
     "adamw": _sig("lr weight_decay beta1 beta2 eps"),
     "muon": _sig("lr momentum steps weight_decay"),
-    "m3": _sig("lr beta1 beta2 beta3 alpha slow_every eps steps"),
+    "m3": _sig("lr beta1 beta2 beta3 alpha slow_every eps steps momentum_sum v_sum"),  # *_sum: 1 = as printed
     "dmgd": _sig("lr beta expand inner_lr"),
 }
 

@@ -389,6 +389,9 @@ class Elaborator:
         self, level: ast.Level, stmts: dict[str, ast.Statement], update: ir.Frequency, memory: ir.Memory | None
     ) -> None:
         where = stmts["update"].span if "update" in stmts else level.name.span
+        if memory is not None and memory.kind == "gradients":
+            self._check_gradient_memory(stmts, update, where)
+            return
         if memory is not None and memory.kind == "persistent":
             if update.unit == "token":
                 self.bag.error(
@@ -406,6 +409,20 @@ class Elaborator:
                 f"in-context level `{level.name.id}` must update in tokens, not `{update.describe()}`",
                 where,
                 "e.g. `update every token` or `update every 16 tokens`",
+            )
+
+    def _check_gradient_memory(self, stmts: dict[str, ast.Statement], update: ir.Frequency, where: Span) -> None:
+        """A gradient memory (momentum as a level) takes in its owner's outer gradient once per training step;
+        the gradients are its only data, so it has no roles, reads or outer gradient of its own."""
+        if update.unit != "step":
+            hint = "`update every step` (or every N steps, as its owner)"
+            self.bag.error("E016", "a gradient memory takes in the outer gradient once per training step", where, hint)
+        for key in sorted(stmts.keys() & {*ROLES, "read", "decay", "outer gradient", "stopgrad targets"}):
+            self.bag.error(
+                "E026",
+                f"a gradient memory has no `{key}`: its data are the gradients of the parameters its owner trains",
+                stmts[key].span,
+                "remove it; write `objective dot` (momentum) or `objective l2` (an average of gradients)",
             )
 
     def _roles(
@@ -443,7 +460,7 @@ class Elaborator:
 
     @staticmethod
     def _required_roles(memory: ir.Memory | None, objective: ir.Objective | None) -> set[str]:
-        if memory is None or memory.kind == "persistent":
+        if memory is None or memory.kind in ("persistent", "gradients"):
             return set()
         if memory.kind == "kv":
             return {"keys", "values"}
@@ -563,6 +580,8 @@ class Elaborator:
             if call.args or call.kwargs:
                 self.bag.error("E015", "`task` takes no arguments: it is the outer loss itself", call.span)
             return ir.Objective(kind="task")
+        if memory is not None and memory.kind == "gradients":
+            return self._gradient_objective(call)
         sig = cat.OBJECTIVES[kind]
         target = self._objective_target(call, name)
         extra = ast.Call(call.fn, (), call.kwargs, call.span)
@@ -579,6 +598,18 @@ class Elaborator:
             return None
         fields = {"p": args.get("p"), "delta": args.get("delta"), "window": window}
         return ir.Objective(kind=kind, target=target, **fields)  # type: ignore[arg-type]
+
+    def _gradient_objective(self, call: ast.Call) -> ir.Objective | None:
+        """A gradient memory's objective is written bare: `dot` (−⟨m, g⟩) or `l2` (½‖m − g‖²)."""
+        if call.fn.id not in ("dot", "l2") or call.args or call.kwargs:
+            self.bag.error(
+                "E026",
+                "a gradient memory's objective is a bare `dot` (momentum) or `l2` (an average of gradients)",
+                call.span,
+                "write `objective dot`",
+            )
+            return None
+        return ir.Objective(kind=call.fn.id)  # type: ignore[arg-type]
 
     def _objective_target(self, call: ast.Call, name: str) -> str | None:
         args = call.args

@@ -154,7 +154,7 @@ class Memory(_Model):
     expansion; `kv`: softmax attention over the document's keys and values (optional window, optional
     persistent prefix level); `persistent`: learned tokens, frozen in context."""
 
-    kind: Literal["matrix", "mlp", "kv", "persistent"]
+    kind: Literal["matrix", "mlp", "kv", "persistent", "gradients"]  # gradients: momentum as a level (NL §4)
     per_head: bool = True
     depth: int = 2
     expand: float = 4.0

@@ -10,11 +10,11 @@ import hashlib
 from collections import Counter
 from typing import Any
 
-from nestc_runtime.plan import LayerPlan, LevelPlan, OptimizerGroupPlan, Plan, RatePlan
+from nestc_runtime.plan import LayerPlan, LevelPlan, Plan, RatePlan
 
-from ..checks.rules import default_owner
 from ..diagnostics import CompileError, DiagnosticBag, Span
 from ..ir import models as ir
+from .outer import is_gradient_memory, optimizer_groups, reject_outer
 
 RUNTIME_LAYERS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
 RUNTIME_FUNCTIONS = {"sigmoid", "silu", "softplus", "tanh", "exp", "relu", "l2norm", "mean", "rope", "conv"}
@@ -26,7 +26,8 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
     bag = DiagnosticBag()
     _reject_unsupported(system, bag)
     bag.raise_if_errors()
-    running = (lv for lv in system.levels if lv.memory is not None and lv.memory.kind != "persistent")
+    stateless = ("persistent", "gradients")  # persistent tokens live in attention; gradients in the optimizer
+    running = (lv for lv in system.levels if lv.memory is not None and lv.memory.kind not in stateless)
     levels = {lv.name: _level_plan(system, lv) for lv in running}
     for name in _prefixed_attention(system.model):
         # Inside `prefix`, attention runs over the stream [h_t, x_t, h_{t+1}, x_{t+1}, ...]: twice as long.
@@ -47,7 +48,7 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
         eod=vocab - 1,
         levels=levels,
         layers=layers,
-        optimizers=_optimizer_groups(system),
+        optimizers=optimizer_groups(system),
         window=None,
         source_hash=hashlib.sha256(source_text.encode()).hexdigest()[:16],
     )
@@ -62,12 +63,8 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
     """Everything the language accepts but this runtime cannot run yet, each named precisely."""
     for level in system.levels:
         where = level.span
-        if level.outer is not None and level.outer.kind not in ("adamw", "sgd"):
-            _unsupported(bag, f"outer optimizer `{level.outer.kind}`", level.spans.get("optimizer", where))
-        if level.selectors:
-            _unsupported(bag, "a `params` selector", level.spans.get("params", where))
         memory = level.memory
-        if memory is None:
+        if memory is None or is_gradient_memory(level):  # outer levels: reject_outer
             continue
         if memory.kind not in RUNTIME_MEMORIES:
             _unsupported(bag, f"memory `{memory.kind}`", level.spans.get("memory", where))
@@ -106,8 +103,8 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
                 _unsupported(bag, "a data-dependent retention on a task level", level.spans.get("optimizer", where))
         if level.inner is not None and level.inner.kind not in RUNTIME_OPTIMIZERS:
             _unsupported(bag, f"inner optimizer `{level.inner.kind}`", level.spans.get("optimizer", where))
-        if level.inner is not None and level.inner.kind == "dgd" and level.inner.both:
-            _unsupported(bag, "`dgd(both)`", level.spans.get("optimizer", where))
+        if level.inner is not None and level.inner.kind == "dgd" and level.inner.both and memory.kind != "mlp":
+            _unsupported(bag, "`dgd(both)` on a one-map memory (write `dgd`)", level.spans.get("optimizer", where))
         if level.inner is not None and level.inner.kind == "delta_momentum" and level.inner.decay == "before":
             _unsupported(
                 bag,
@@ -123,6 +120,7 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
             if problem:
                 _unsupported(bag, problem, level.spans.get(role, level.spans.get("optimizer", where)))
     _reject_unsupported_nodes(system.model, bag)
+    reject_outer(system, bag)
 
 
 def _unsupported_expr(expr: ir.Expr, system: ir.System | None = None) -> str | None:
@@ -204,6 +202,7 @@ def _level_plan(system: ir.System, level: ir.Level) -> LevelPlan:
         steps=inner.steps if inner else None,
         lam=inner.lam if inner else None,
         window=(level.objective.window or 1) if level.objective else 1,
+        dgd_both=bool(inner and inner.kind == "dgd" and inner.both),
     )
 
 
@@ -305,27 +304,6 @@ def _walk(layers: list[LayerPlan]) -> list[LayerPlan]:
         for branch in layer.branches:
             out.extend(_walk(branch))
     return out
-
-
-def _optimizer_groups(system: ir.System) -> list[OptimizerGroupPlan]:
-    root = default_owner(system)
-    groups = []
-    for level in system.levels:
-        if level.outer is None:
-            continue
-        owned = [lv.name for lv in system.levels if lv.in_context and lv.owner == level.name]
-        every = level.update.count if level.update.unit == "step" else 0
-        groups.append(
-            OptimizerGroupPlan(
-                name=level.name,
-                kind=level.outer.kind,
-                hyper=dict(level.outer.hyper),
-                every_steps=every,
-                owns_levels=owned,
-                default=root is not None and level.name == root.name,
-            )
-        )
-    return groups
 
 
 __all__ = ["lower", "CompileError"]

@@ -23,6 +23,7 @@ KIND_FILL = {
     "kv": "#fdf3d8",
     "persistent": "#ececec",
     "optimizer": "#efe4f6",
+    "gradients": "#f6e4ee",  # a gradient memory: an optimizer's state, drawn as a memory
 }
 KIND_STROKE = {
     "matrix": "#4c8c4a",
@@ -30,6 +31,7 @@ KIND_STROKE = {
     "kv": "#b08a22",
     "persistent": "#777777",
     "optimizer": "#7b4f9d",
+    "gradients": "#9d4f7b",
 }
 MODE_STYLE = {  # outer-gradient modes: (colour, dash)
     "through": ("#2e6db4", None),

@@ -7,6 +7,7 @@ weights as one that never stopped.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -24,13 +25,14 @@ from . import faults
 from .checkpoint import CheckpointManager, CheckpointMissing, check_compatible, load_checkpoint
 from .data import EOD, BatchSampler, next_token_loss, split_holdout
 from .metrics import MetricsWriter, loss_curve_png, truncate_metrics
+from .optimizers import OUTER_OPTIMIZERS, LevelOptimizer
 
 CHECKPOINT_FORMAT = "nestc-train"
 CHECKPOINT_VERSION = 1
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss.png"
 _FINAL_LR_FRACTION = 0.1
-_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+_OPTIMIZERS: dict[str, type[LevelOptimizer]] = OUTER_OPTIMIZERS  # the outer optimizer levels of DESIGN §5
 _STATE_KEY = re.compile(r"^(\d+)\.(\w+)$")
 
 
@@ -118,7 +120,7 @@ def _build_optimizer(name: str, group: dict[str, Any], settings: TrainSettings) 
     if lr is None:
         raise RuntimeInputError(f"optimizer group {name!r} has no learning rate", hint="set optim.lr")
     options["lr"] = float(lr)
-    if settings.weight_decay is not None:
+    if settings.weight_decay is not None and "weight_decay" in inspect.signature(_OPTIMIZERS[kind]).parameters:
         options["weight_decay"] = settings.weight_decay
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
@@ -433,7 +435,7 @@ def _restore_optimizer(
             continue  # belongs to another group whose name starts with this one's
         index, name = int(match.group(1)), match.group(2)
         if index >= len(params) or (
-            isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape
+            isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != _state_shape(group, index, name)
         ):
             raise RuntimeInputError(
                 f"the optimizer state of group {group.name!r} does not fit this model (parameter {index})",
@@ -444,6 +446,13 @@ def _restore_optimizer(
     current = group.optimizer.state_dict()
     current["state"] = state
     group.optimizer.load_state_dict(current)
+
+
+def _state_shape(group: GroupOptimizer, index: int, key: str) -> torch.Size:
+    """The shape a state tensor must have: the optimizer's own (a DMGD memory), else its parameter's."""
+    param = [p for g in group.optimizer.param_groups for p in g["params"]][index]
+    own = group.optimizer.state_shape(param, key) if isinstance(group.optimizer, LevelOptimizer) else None
+    return torch.Size(own) if own is not None else param.shape
 
 
 def _restore_sampler(sampler: BatchSampler, tensors: dict[str, torch.Tensor], meta: dict, where: str) -> None:
