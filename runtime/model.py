@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .errors import RuntimeInputError
 from .layers import LAYERS
 from .levels import Level, LevelState, Probe, level_class, where_rows
-from .levels.task import TaskLevel, TaskRead, TaskState
+from .levels.task import TaskLevel, TaskRead, TaskState, add_loss_terms, settle_gradients
 from .ops.matrix_memory.triton import resolve_backend
 from .ops.sequence_layers import STATELESS_LAYERS
 from .plan import LayerPlan, Plan
@@ -331,10 +331,7 @@ class CompiledModel(nn.Module):
                 scores = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
                 ce = F.cross_entropy(scores.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
                 ce = ce * labelled
-                for read in reads:
-                    state = mem[read.level.instance]
-                    loss = (read.lr * ce).sum()
-                    mem[read.level.instance] = replace_op(state, read.level.accumulate(state.op, loss))
+                self._accumulate(mem, [(read.level, read.lr) for read in reads], ce)
         finally:
             for level in self.task_levels:
                 level.pending = None
@@ -343,9 +340,12 @@ class CompiledModel(nn.Module):
         pending_end = torch.full_like(labelled[:, 0], call_end) & (used == labels.shape[1])
         is_eod = tokens.gather(1, last[:, None])[:, 0] == self.plan.eod
         labelled_end = ~pending_end | is_eod
+        updates = []
         for level in self.task_levels:
-            state = mem[level.instance]
-            mem[level.instance] = replace_op(state, level.advance(state.op, used, labelled_end))
+            op, now, due = level.advance(mem[level.instance].op, used, labelled_end)
+            mem[level.instance] = replace_op(mem[level.instance], op)
+            updates.append((level, now, due))
+        self._update(mem, updates)
         return logits
 
     # ---- task levels across calls
@@ -361,23 +361,53 @@ class CompiledModel(nn.Module):
             with torch.enable_grad():
                 pending = state.pending if state.pending.dtype == torch.float64 else state.pending.float()
                 ce = F.cross_entropy(pending, first, reduction="none") * (~starts)
-                for level in self.task_levels:
-                    op: TaskState = mem[level.instance].op
-                    loss = (op.last_lr * ce).sum()
-                    mem[level.instance] = replace_op(mem[level.instance], level.accumulate(op, loss))
-        for level in self.task_levels:
-            op = mem[level.instance].op
-            # Reads of θ from the previous call stay: a chunk that continues still differentiates them.
-            mem[level.instance] = replace_op(mem[level.instance], level.update(op, op.due))
+                self._accumulate(mem, [(level, mem[level.instance].op.last_lr) for level in self.task_levels], ce)
+        # Reads of θ from the previous call stay: a chunk that continues still differentiates them.
+        self._update(mem, [(level, mem[level.instance].op.due, None) for level in self.task_levels])
         return mem
+
+    @staticmethod
+    def _accumulate(mem: States, reads: list[tuple[TaskLevel, Tensor]], ce: Tensor) -> None:
+        """Each task level adds Σ_t η_t ce_t of this window to its chunk's running loss. Levels whose rates
+        are equal constants get the same term tensor, so their chunk gradients can share one backward pass
+        (rates that carry a graph never share: their own derivative is part of the loss)."""
+        made: list[tuple[Tensor, Tensor]] = []
+        levels, terms = [], []
+        for level, lr in reads:
+            if level in levels:
+                continue  # one term per level and window
+            shared = [term for rate, term in made if not lr.requires_grad and _same_constant(rate, lr)]
+            term = shared[0] if shared else (lr * ce).sum(1) if lr.dim() == 2 else lr * ce
+            if not shared:
+                made.append((lr, term))
+            levels.append(level)
+            terms.append(term)
+        ops = add_loss_terms([mem[level.instance].op for level in levels], terms)
+        for level, op in zip(levels, ops):
+            mem[level.instance] = replace_op(mem[level.instance], op)
+
+    @staticmethod
+    def _update(mem: States, updates: list[tuple[TaskLevel, Tensor, Tensor | None]]) -> None:
+        """Levels whose chunk ended on some rows take the chunk's gradient there (shared passes where the
+        losses are shared) and step; `due` rows wait for their last label."""
+        with torch.enable_grad():  # the remaining rows' running losses keep their graphs
+            settled = settle_gradients([(mem[level.instance].op, rows) for level, rows, _ in updates])
+        for (level, rows, due), op in zip(updates, settled):
+            mem[level.instance] = replace_op(mem[level.instance], level.update(op, rows, due))
 
     def _flush(self, mem: States) -> States:
         """End of a stream: every task level applies its partial last chunk (terms without labels left out)."""
         out = dict(mem)
+        self._update(
+            out,
+            [
+                (level, (out[level.instance].op.phase > 0) | out[level.instance].op.due, None)
+                for level in self.task_levels
+            ],
+        )
         for level in self.task_levels:
             op: TaskState = out[level.instance].op
-            op = level.update(op, (op.phase > 0) | op.due)
-            out[level.instance] = replace_op(out[level.instance], replace(op, leaves=[]))
+            out[level.instance] = replace_op(out[level.instance], replace(op, leaves=[], loss=None))
         return out
 
     def _run(self, layers: nn.ModuleList, h: Tensor, mem: States, window: _Window) -> Tensor:
@@ -454,6 +484,10 @@ class CompiledModel(nn.Module):
                 h, mem[instance], window.lengths, probe, window.reference, prepared[instance]
             )
         return out
+
+
+def _same_constant(a: Tensor, b: Tensor) -> bool:
+    return not a.requires_grad and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _merge_probes(windows: list[dict[str, Probe] | None]) -> dict[str, Probe]:

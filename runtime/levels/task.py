@@ -5,10 +5,11 @@ For its chunk [b, e] it takes g = ∂/∂θ Σ_{t=b}^{e} η_t CE(logits_t, x_{t+
 θ ← α θ − g (η inside the sum). Each sequence (row) has its own θ and its own g.
 
 How the gradient is taken: every window the level reads through a fresh leaf tensor equal to θ; after the
-window's logits exist the scheduler differentiates the window's labelled loss terms with respect to the
-leaves and adds the result to the chunk's running gradient G. When the chunk's last token has its label,
-θ is updated. A call can end before that label is known: the level is then `due` and the scheduler finishes
-the update at the start of the next call, from the logits it kept (DESIGN §3, depth-synchronous schedule).
+window's logits exist the scheduler adds the window's labelled loss terms η_t CE_t to the chunk's running
+loss. When the chunk's last token has its label, one backward pass differentiates the chunk's loss with
+respect to all the chunk's leaves (its reads of θ) and θ is updated. A call can end before that label is
+known: the level is then `due` and the scheduler finishes the update at the start of the next call, from
+the logits it kept (DESIGN §3, depth-synchronous schedule).
 The outer gradient stops at the updates: θ enters as θ_{−1} + sg(θ − θ_{−1}), so the meta-learned initial
 state gets the outer gradient and nothing flows back through the updates.
 """
@@ -40,10 +41,9 @@ class LeafRecord:
     chunk: Tensor  # (rows of the leaves,)
     rows: Tensor  # (B,) int64
 
-    def gradient(self, loss: Tensor, current_chunk: Tensor) -> tuple[Tensor, Tensor] | None:
-        grads = torch.autograd.grad(loss, (self.leaf1, self.leaf2), retain_graph=True, allow_unused=True)
-        if grads[0] is None and grads[1] is None:
-            return None
+    def gather(self, grads: Sequence[Tensor | None], current_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """This record's share of ∂loss/∂θ per state row: the leaves' gradients mapped to the state's rows,
+        zero for rows without a record or whose chunk has moved on since the read."""
         safe = self.rows.clamp(min=0)
         same = (self.rows >= 0) & (self.chunk.index_select(0, safe) == current_chunk)
         out = []
@@ -55,9 +55,11 @@ class LeafRecord:
 
 @dataclass
 class TaskState:
-    """W1 (B,H,d,h), W2 (B,H,h,d): θ, constant inside a chunk; G1, G2: the chunk's gradient so far;
-    phase, chunks_done (B,); due (B,): the chunk is complete but its last token's label is still unknown;
-    last_lr (B,): η of each row's last token. `leaves`: every window's read of θ in the current chunks."""
+    """W1 (B,H,d,h), W2 (B,H,h,d): θ, constant inside a chunk; G1, G2: gradient already taken in the
+    current chunk (only when a stream was detached mid-chunk); phase, chunks_done (B,); due (B,): the chunk
+    is complete but its last token's label is still unknown; last_lr (B,): η of each row's last token.
+    `leaves`: every window's read of θ in the current chunks; `loss` (B,): Σ η_t CE_t of each row's current
+    chunk so far, with its graph (None: no terms yet)."""
 
     W1: Tensor
     W2: Tensor
@@ -68,13 +70,15 @@ class TaskState:
     due: Tensor
     last_lr: Tensor
     leaves: list[LeafRecord] = field(default_factory=list)
+    loss: Tensor | None = None
 
     def _tensors(self) -> tuple[Tensor, ...]:
         return (self.W1, self.W2, self.G1, self.G2, self.phase, self.chunks_done, self.due, self.last_lr)
 
     def select(self, rows: Tensor) -> TaskState:
         leaves = [LeafRecord(r.leaf1, r.leaf2, r.chunk, r.rows.index_select(0, rows)) for r in self.leaves]
-        return TaskState(*(t.index_select(0, rows) for t in self._tensors()), leaves=leaves)  # type: ignore[arg-type, misc]
+        loss = None if self.loss is None else self.loss.index_select(0, rows)
+        return TaskState(*(t.index_select(0, rows) for t in self._tensors()), leaves=leaves, loss=loss)  # type: ignore[arg-type, misc]
 
     @staticmethod
     def cat(states: Sequence[TaskState]) -> TaskState:
@@ -84,19 +88,67 @@ class TaskState:
             for record in state.leaves:
                 maps = [record.rows if j == i else -torch.ones_like(s.phase) for j, s in enumerate(states)]
                 leaves.append(LeafRecord(record.leaf1, record.leaf2, record.chunk, torch.cat(maps)))
-        return TaskState(*(torch.cat(list(c)) for c in columns), leaves=leaves)  # type: ignore[arg-type, misc]
+        losses = [s.loss if s.loss is not None else s.last_lr.new_zeros(s.last_lr.shape) for s in states]
+        loss = None if all(s.loss is None for s in states) else torch.cat(losses)
+        return TaskState(*(torch.cat(list(c)) for c in columns), leaves=leaves, loss=loss)  # type: ignore[arg-type, misc]
 
     def detach(self) -> TaskState:
-        return TaskState(*(t.detach() for t in self._tensors()))  # type: ignore[arg-type, misc]
+        """Cut the graph between calls: the gradient of the chunk so far is taken now and kept in G."""
+        (state,) = settle_gradients([(self, torch.ones_like(self.due))])
+        return TaskState(*(t.detach() for t in state._tensors()))  # type: ignore[arg-type, misc]
 
-    def gradient(self, loss: Tensor) -> tuple[Tensor, Tensor]:
-        """∂loss/∂θ per row, summed over every read of θ in each row's current chunk."""
-        g1, g2 = torch.zeros_like(self.W1), torch.zeros_like(self.W2)
-        for record in self.leaves:
-            part = record.gradient(loss, self.chunks_done)
-            if part is not None:
-                g1, g2 = g1 + part[0], g2 + part[1]
-        return g1, g2
+    def leaf_tensors(self) -> list[Tensor]:
+        return [leaf for record in self.leaves for leaf in (record.leaf1, record.leaf2)]
+
+    def with_gradient(self, grads: Sequence[Tensor | None]) -> TaskState:
+        """Add ∂loss/∂θ, given the gradients of `leaf_tensors()` in order, to the chunk's running gradient."""
+        g1, g2 = self.G1, self.G2
+        for i, record in enumerate(self.leaves):
+            part1, part2 = record.gather(grads[2 * i : 2 * i + 2], self.chunks_done)
+            g1, g2 = g1 + part1, g2 + part2
+        return replace(self, G1=g1, G2=g2)
+
+
+def settle_gradients(items: Sequence[tuple[TaskState, Tensor]]) -> list[TaskState]:
+    """For each (state, rows): G += ∂(Σ_rows loss)/∂θ, summed over every read of θ in each row's current
+    chunk, and those rows' loss terms are cleared.
+
+    The gradient of a chunk is taken once, when the chunk ends: one backward pass over the chunk's span
+    instead of one per window. States that share one loss tensor (levels with the same constant rate and the
+    same chunks, as in the layers of a CMS) and the same rows share one pass over all their leaves."""
+    groups: dict[tuple[int, bytes], list[int]] = {}
+    for index, (state, rows) in enumerate(items):
+        if state.loss is not None and bool(rows.any()):
+            groups.setdefault((id(state.loss), rows.cpu().numpy().tobytes()), []).append(index)
+    out = [state for state, _ in items]
+    for indices in groups.values():
+        state, rows = items[indices[0]]
+        assert state.loss is not None
+        loss = (state.loss * rows).sum()
+        inputs = [leaf for i in indices for leaf in items[i][0].leaf_tensors()]
+        grads: Sequence[Tensor | None] = ()
+        if inputs and loss.requires_grad:
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        offset = 0
+        for i in indices:
+            count = 2 * len(items[i][0].leaves)
+            settled = items[i][0].with_gradient(grads[offset : offset + count]) if grads else items[i][0]
+            offset += count
+            out[i] = replace(settled, loss=None if bool(rows.all()) else torch.where(rows, 0.0, state.loss))
+    return out
+
+
+def add_loss_terms(states: Sequence[TaskState], terms: Sequence[Tensor]) -> list[TaskState]:
+    """loss += term for each (state, term) pair. Pairs with the same running loss and the same term object
+    get the same new tensor, so levels that were sharing a loss keep sharing it."""
+    made: dict[tuple[int, int], Tensor] = {}
+    out = []
+    for state, term in zip(states, terms):
+        key = (id(state.loss), id(term))
+        if key not in made:
+            made[key] = term if state.loss is None else state.loss + term
+        out.append(replace(state, loss=made[key]))
+    return out
 
 
 @dataclass
@@ -154,21 +206,17 @@ class TaskLevel(Level):
         expr = self.plan.rates["retain"].expr
         return float(expr["value"]) if expr["op"] == "const" else 1.0
 
-    def accumulate(self, state: TaskState, loss: Tensor) -> TaskState:
-        """Add ∂loss/∂θ (this row's θ at its current chunk start) to the chunk's running gradient."""
-        g1, g2 = state.gradient(loss)
-        return replace(state, G1=state.G1 + g1, G2=state.G2 + g2)
-
-    def advance(self, state: TaskState, used: Tensor, labelled_end: Tensor) -> TaskState:
-        """Count `used` tokens per row; rows whose chunk is complete update if its last label was known
-        (`labelled_end`), else they become due."""
+    def advance(self, state: TaskState, used: Tensor, labelled_end: Tensor) -> tuple[TaskState, Tensor, Tensor]:
+        """Count `used` tokens per row. Returns the state and two row masks: the rows whose chunk is
+        complete with its last label known (update now), and those still waiting for that label (due)."""
         phase = state.phase + used
         complete = phase >= self.plan.chunk
         state = replace(state, phase=torch.where(complete, torch.zeros_like(phase), phase))
-        return self.update(state, complete & labelled_end, due=complete & ~labelled_end)
+        return state, complete & labelled_end, complete & ~labelled_end
 
     def update(self, state: TaskState, rows: Tensor, due: Tensor | None = None) -> TaskState:
-        """θ ← α θ − G on `rows` (one optimizer step per chunk), then a fresh chunk gradient."""
+        """θ ← α θ − G on `rows` (one optimizer step per chunk), then a fresh chunk gradient. `rows` must
+        have been settled (`settle_gradients`) first, so that G holds the whole chunk's gradient."""
         view = rows.view(-1, 1, 1, 1)
         alpha = self.retain()
         W1 = torch.where(view, alpha * state.W1 - state.G1, state.W1).detach()
@@ -183,4 +231,4 @@ class TaskLevel(Level):
             for r in state.leaves
             if bool(((r.rows >= 0) & (r.chunk.index_select(0, r.rows.clamp(min=0)) == done)).any())
         ]
-        return TaskState(W1, W2, G1, G2, state.phase, done, new_due, state.last_lr, leaves)
+        return TaskState(W1, W2, G1, G2, state.phase, done, new_due, state.last_lr, leaves, state.loss)
