@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -387,7 +388,7 @@ class CompiledModel(nn.Module):
             mem[level.instance] = replace_op(mem[level.instance], op)
 
     @staticmethod
-    def _update(mem: States, updates: list[tuple[TaskLevel, Tensor, Tensor | None]]) -> None:
+    def _update(mem: States, updates: Sequence[tuple[TaskLevel, Tensor, Tensor | None]]) -> None:
         """Levels whose chunk ended on some rows take the chunk's gradient there (shared passes where the
         losses are shared) and step; `due` rows wait for their last label."""
         with torch.enable_grad():  # the remaining rows' running losses keep their graphs
