@@ -6,7 +6,9 @@ nothing of the runtime to compute them.
 
 from __future__ import annotations
 
+import importlib
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +105,12 @@ def by_hand(xs: dict[str, Tensor], cfg: MLPMemoryConfig) -> tuple[Tensor, Tensor
             else:
                 kh = k[b, h, t] / k[b, h, t].norm()
                 W2 = W2 @ (A_out - eta * torch.outer(kh, kh)) - eta * g2
-                W1 = A_out @ W1 - eta * g1
+                if cfg.dgd_both:  # the factor on W1 as well, with its normalised input σ(W2 k) at the chunk start
+                    sh = torch.nn.functional.silu(P2 @ k[b, h, t])
+                    sh = sh / sh.norm()
+                    W1 = A_out @ W1 - eta * torch.outer(W1 @ sh, sh) - eta * g1
+                else:
+                    W1 = A_out @ W1 - eta * g1
             read = {"online": (W1, W2), "before": before, "boundary": (P1, P2)}[cfg.read]
             out[b, h, t] = memory(*read, q[b, h, t], cfg.norm)
         W1_end[b, h], W2_end[b, h] = W1, W2
@@ -120,12 +127,16 @@ def by_hand(xs: dict[str, Tensor], cfg: MLPMemoryConfig) -> tuple[Tensor, Tensor
         ("momentum_gd", "l2", True, 1, "online", True),
         ("dgd", "l2", False, 1, "online", False),
         ("dgd", "dot", True, 4, "before", True),
+        ("dgd both", "l2", False, 1, "online", False),
+        ("dgd both", "l2", True, 4, "online", True),
+        ("dgd both", "dot", False, 4, "before", False),
     ],
 )
 def test_reference_matches_equations(
     optimizer: str, objective: str, norm: bool, chunk: int, read: str, per_channel: bool
 ) -> None:
-    cfg = MLPMemoryConfig(objective, chunk, read, optimizer=optimizer, norm=norm)
+    both = optimizer == "dgd both"
+    cfg = MLPMemoryConfig(objective, chunk, read, optimizer=optimizer.split()[0], norm=norm, dgd_both=both)
     xs = make(9, seed=chunk, per_channel=per_channel)
     o, state = call(scan, xs, cfg)
     o_ref, W1, W2 = by_hand(xs, cfg)
@@ -264,3 +275,81 @@ def test_config_validation() -> None:
         MLPMemoryConfig(chunk=0)
     with pytest.raises(ValueError):
         MLPMemoryConfig(optimizer="adam")
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "momentum_gd", "dgd"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_chunked_strong_decay(monkeypatch: pytest.MonkeyPatch, optimizer: str, per_channel: bool) -> None:
+    """Ordinary chunks take Γ_n · (1/Γ_{r+1}); a chunk that decays past the float range (α = 1e-3 for 111
+    tokens: log Γ ≈ -767 < -697 in float64) takes the exact ratios exp(log Γ_n - log Γ_{r+1})."""
+    module = importlib.import_module("nestc_runtime.ops.mlp_memory.chunked")
+    real = module._factorable
+    taken: list[bool] = []
+
+    def spy(log_gamma: Tensor) -> bool:
+        taken.append(real(log_gamma))
+        return taken[-1]
+
+    monkeypatch.setattr(module, "_factorable", spy)
+    cfg = MLPMemoryConfig("l2", 128, "online", optimizer=optimizer, norm=True)
+    xs = make(133, seed=11, per_channel=per_channel)
+    _check(xs, cfg)
+    assert taken == [True]
+    with torch.no_grad():
+        xs["retain"][:, :, 10:121] = 1e-3
+    _check(xs, cfg)
+    assert taken == [True, False]
+
+
+@pytest.mark.parametrize("read", ["online", "before", "boundary"])
+@pytest.mark.parametrize("grad", ["through", "stop", "truncate"])
+def test_chunked_dgd_both_matches_reference(read: str, grad: str) -> None:
+    """dgd(both): W1's factor has its key σ(W2 k) from the chunk start, so its UT system is solved per block."""
+    for chunk, per_channel, norm in ((1, False, False), (4, False, True), (4, True, False), (16, True, True)):
+        for steps in (chunk + 1, 13):
+            cfg = MLPMemoryConfig("l2", chunk, read, grad, truncate_k=2, optimizer="dgd", norm=norm, dgd_both=True)
+            xs = make(steps, seed=steps + chunk, per_channel=per_channel)
+            _check(xs, cfg, lengths=torch.tensor([steps, max(steps - 3, 1)]))
+    with pytest.raises(ValueError):
+        MLPMemoryConfig(optimizer="gd", dgd_both=True)
+
+
+DGD_BOTH_SPEC = """
+system case(d = 8, heads = 2, vocab = 257) {
+  level pretrain { update every step; optimizer adamw(lr = 1e-3) }
+  level memory in pretrain {
+    memory    mlp(depth = 2, expand = 2, residual) per head
+    queries   linear(x) |> l2norm
+    keys      linear(x) |> l2norm
+    values    linear(x)
+    objective l2(memory(keys), values)
+    optimizer dgd(both, lr = sigmoid(linear(x)) * 0.5, retain = sigmoid(linear(x) + 2))
+    update every 4 tokens; read online; outer gradient through
+  }
+  model = embed -> residual(rmsnorm -> memory -> linear) -> head
+}
+"""
+
+
+def test_dgd_both_compiles_and_runs(tmp_path: Path) -> None:
+    """`dgd(both)` lowers (no E040) to an MLP level with the factor on both maps; chunked == reference."""
+    import nestc
+
+    spec = tmp_path / "case.nest"
+    spec.write_text(DGD_BOTH_SPEC)
+    torch.manual_seed(0)
+    model = nestc.compile(spec).double()
+    assert model.levels["memory"].config.dgd_both
+    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 11, 257, dtype=F64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for backend in ("chunked", "reference"):
+        model.backend = backend
+        logits = model(tokens)
+        grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()), allow_unused=True)
+        results[backend] = (logits.detach(), grads)
+    assert_close(results["chunked"][0], results["reference"][0])
+    for a, b in zip(results["chunked"][1], results["reference"][1]):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert_close(a, b)

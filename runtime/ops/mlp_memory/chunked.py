@@ -197,7 +197,7 @@ def _mixing(log_a: Tensor, log_b: Tensor | None, active: Tensor) -> _Mix:
     states = torch.arange(length + 1, device=log_a.device)
     tokens = torch.arange(length, device=log_a.device)
     lower = (tokens[None, :] < states[:, None])[None] & active[:, None, :]  # (R,L+1,L)
-    factored = bool(G[:, :, -1].min() >= -_safe_log_range(G.dtype, length))
+    factored = _factorable(G)
     gamma = G.exp()
     if factored:
         inv = torch.where(active[:, None, :, None], (-G[:, :, 1:]).exp(), torch.zeros_like(la))
@@ -222,9 +222,12 @@ def _mixing(log_a: Tensor, log_b: Tensor | None, active: Tensor) -> _Mix:
     return _Mix(gamma, coef=coef, carry=carry, beta_end=(Bc[:, :, -1:] - Bc).exp(), beta_all=Bc[:, :, -1].exp())
 
 
-def _safe_log_range(dtype: torch.dtype, length: int) -> float:
-    """How far log Γ may fall in a segment for 1/Γ (and sums of L such terms) to stay finite and normal."""
-    return math.log(torch.finfo(dtype).max) - math.log(length + 1) - 10.0
+def _factorable(log_gamma: Tensor) -> bool:
+    """Whether no segment's log Γ (R,H,L+1,w) falls so far that 1/Γ (and sums of L such terms) would leave
+    the float range: a margin of e^10 below the largest float, so Γ_n and 1/Γ_{r+1} both stay normal."""
+    length = log_gamma.shape[2] - 1
+    limit = math.log(torch.finfo(log_gamma.dtype).max) - math.log(length + 1) - 10.0
+    return bool(log_gamma[:, :, -1].min() >= -limit)
 
 
 def _per_channel(x: Tensor, d: int) -> Tensor:
@@ -242,6 +245,8 @@ class _Pre:
     [Γ_L ; β_all] (R,H,m·d), carry_end = c_L (R,H,d), left = [-η_s X[L,s] ; -η_s β_{s+1}⋯] (R,H,L,m,d)
     (times δ_s: the W1 and M1 terms), right = the same times k_s (R,H,L,m·d).  dgd: kg = Γ_i ∘ k̂_i,
     solve = (I + diag(η) A)⁻¹ diag(-η), solve_u = solve · S_kk (R,H,L,L), dgd_scores (read), dgd_right.
+    dgd(both), whose W1 system depends on the state: lr = η (R,H,L), own = X[i, r] (R,H,L,L,w) and
+    own_gamma = Γ_i (R,H,L,w) for i < L, read_plain = X[τ, s] (as weights, without -η), end_plain = X[L, s].
     """
 
     q: Tensor
@@ -261,6 +266,11 @@ class _Pre:
     solve_u: Tensor | None = None
     dgd_scores: Tensor | None = None
     dgd_right: Tensor | None = None
+    lr: Tensor | None = None
+    own: Tensor | None = None
+    own_gamma: Tensor | None = None
+    read_plain: Tensor | None = None
+    end_plain: Tensor | None = None
 
     def rows(self, index: slice) -> _Pre:
         sliced: dict[str, Any] = {f.name: _rows(getattr(self, f.name), index) for f in fields(self)}
@@ -312,11 +322,11 @@ def _prepare(
         weights = mix.rows(tau) * neg[:, :, None]  # (R,H,L,L,w)
         pre.weights = weights[..., 0] if weights.shape[-1] == 1 else weights
     if cfg.optimizer == "dgd":
-        _prepare_dgd(pre, mix, lr, tau)
+        _prepare_dgd(pre, mix, lr, tau, cfg.dgd_both)
     return pre
 
 
-def _prepare_dgd(pre: _Pre, mix: _Mix, lr: Tensor, tau: slice | None) -> None:
+def _prepare_dgd(pre: _Pre, mix: _Mix, lr: Tensor, tau: slice | None, both: bool) -> None:
     """dgd's W2 directions w solve (I + diag(η) A) w = -diag(η) (W2_e (Γ ∘ k̂) + S_kk u) per segment."""
     length, d = pre.k.shape[2], pre.k.shape[3]
     k_hat = torch.nn.functional.normalize(pre.k, dim=-1)
@@ -330,6 +340,12 @@ def _prepare_dgd(pre: _Pre, mix: _Mix, lr: Tensor, tau: slice | None) -> None:
     pre.dgd_right = _per_channel(mix.rows(length), d) * k_hat
     if tau is not None:
         pre.dgd_scores = mix.contract(tau, pre.q, k_hat)
+    if both:
+        pre.lr, pre.own, pre.own_gamma = lr, mix.rows(own), mix.gamma[:, :, own]
+        pre.end_plain = _per_channel(mix.rows(length), d)
+        if tau is not None:
+            plain = mix.rows(tau)
+            pre.read_plain = plain[..., 0] if plain.shape[-1] == 1 else plain
 
 
 # ---------------------------------------------------------------- the per-block step
@@ -354,6 +370,7 @@ def _step(
     w = None
     if pre.solve is not None and pre.kg is not None and pre.solve_u is not None:
         w = pre.solve @ (pre.kg @ W2e.transpose(-1, -2)) + pre.solve_u @ u
+    hidden = None if pre.own is None else _dgd_hidden(W1s[:, :, :d], s, delta, pre)
     if pre.qs is None or pre.scores is None or pre.weights is None or pre.gamma is None:  # boundary read
         W1r, W2r = (P1, P2) if stop_delta is None else (P1 + stop_delta[0], P2 + stop_delta[1])
         p = activation(pre.q @ W2r.transpose(-1, -2))
@@ -371,11 +388,10 @@ def _step(
         z = pre.gamma * zs[..., :d]
         if pre.carry is not None:
             z = z + pre.carry * zs[..., d:]
-        dots = p @ s.transpose(-1, -2)
-        if pre.weights.dim() == 4:
-            z = z + (pre.weights * dots) @ delta
-        else:  # Σ_s dots[τ, s] weights[τ, s, c] δ_s[c], one small product per query
-            z = z + (dots[..., :, None, :] @ (pre.weights * delta[..., None, :, :]))[..., 0, :]
+        z = z + _mix_apply(pre.weights, p @ s.transpose(-1, -2), delta)
+        if hidden is not None and pre.read_plain is not None:  # Σ_s X[τ, s] ∘ w1_s (ŝ_s·p_τ)
+            s_hat, w1 = hidden
+            z = z + _mix_apply(pre.read_plain, p @ s_hat.transpose(-1, -2), w1)
         if stop_delta is not None:
             z = z + p @ stop_delta[0].transpose(-1, -2)
     out = pre.q + output_map(z, cfg)
@@ -392,7 +408,47 @@ def _step(
     base2.flatten(0, 1).baddbmm_(u.flatten(0, 1).transpose(-1, -2), pre.right.flatten(0, 1))
     if w is not None and pre.dgd_right is not None:
         base2.flatten(0, 1).baddbmm_(w.flatten(0, 1).transpose(-1, -2), pre.dgd_right.flatten(0, 1))
+    if hidden is not None and pre.end_plain is not None:
+        s_hat, w1 = hidden
+        base1.flatten(0, 1).baddbmm_((pre.end_plain * w1).flatten(0, 1).transpose(-1, -2), s_hat.flatten(0, 1))
     return out, base1, base2
+
+
+def _mix_apply(coef: Tensor, dots: Tensor, x: Tensor) -> Tensor:
+    """Σ_s coef[τ, s] dots[τ, s] x_s: coef (B,H,L,L) per head or (B,H,L,L,d) per channel (then ∘ on c)."""
+    if coef.dim() == 4:
+        return (coef * dots) @ x
+    return (dots[..., :, None, :] @ (coef * x[..., None, :, :]))[..., 0, :]  # one small product per query
+
+
+def _dgd_hidden(W1e: Tensor, s: Tensor, delta: Tensor, pre: _Pre) -> tuple[Tensor, Tensor]:
+    """dgd(both): (ŝ, w1) with w1_i = -η_i W1_i ŝ_i, the rank-one directions of W1's factor in the block.
+
+    ŝ = s/‖s‖ comes from the chunk start, so the unit lower-triangular system is formed per block:
+    (I + diag(η) (X ∘ ŜŜᵀ)) w1 = -diag(η) (Γ ∘ W1_e ŝ + Σ_r X[i, r] (-η_r) (ŝ_i·s_r) δ_r), one per channel
+    when the rates are per channel (X[i, r] then differs per output channel of W1).
+    """
+    assert pre.own is not None and pre.own_gamma is not None and pre.lr is not None
+    s_hat = torch.nn.functional.normalize(s, dim=-1)
+    eta = pre.lr
+    own = pre.own[..., 0] if pre.own.shape[-1] == 1 else pre.own
+    rhs = pre.own_gamma * (s_hat @ W1e.transpose(-1, -2))
+    rhs = -eta[..., None] * (rhs + _mix_apply(_eta_cols(own, eta), s_hat @ s.transpose(-1, -2), delta))
+    pairs = s_hat @ s_hat.transpose(-1, -2)
+    length = s.shape[2]
+    eye = torch.eye(length, dtype=s.dtype, device=s.device)
+    if own.dim() == 4:
+        system = eye + eta[..., None] * (own * pairs)
+        return s_hat, torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    system = eye + eta[:, :, None, :, None] * (own.permute(0, 1, 4, 2, 3) * pairs[:, :, None])
+    w1 = torch.linalg.solve_triangular(system, rhs.transpose(-1, -2)[..., None], upper=False, unitriangular=True)
+    return s_hat, w1[..., 0].transpose(-1, -2)
+
+
+def _eta_cols(coef: Tensor, eta: Tensor) -> Tensor:
+    """coef[i, r] · (-η_r): coef (B,H,L,L) or (B,H,L,L,d), η (B,H,L)."""
+    scale = -eta[:, :, None, :]
+    return coef * (scale if coef.dim() == 4 else scale[..., None])
 
 
 # ---------------------------------------------------------------- blocks and phases

@@ -7,6 +7,8 @@ For token t in the chunk starting at b (b a multiple of C from the document star
     "gd":           θ_t = α_t θ_{t-1} - η_t g_t
     "momentum_gd":  m_t = β_t m_{t-1} - η_t g_t,   θ_t = α_t θ_{t-1} + m_t   (per parameter)
     "dgd":          W2_t = W2_{t-1} (α_t I - η_t k̂_t k̂_tᵀ) - η_t g2_t,   W1_t = α_t W1_{t-1} - η_t g1_t
+                    (``dgd_both``: W1_t = α_t W1_{t-1} - η_t (W1_{t-1} ŝ_t) ŝ_tᵀ - η_t g1_t, ŝ_t = s_t / ‖s_t‖ with
+                    s_t = σ(W2 k_t) at the linearisation point, the input of W1 in g1_t = δ_t s_tᵀ)
     "newton_schulz": m_t = β_t m_{t-1} + g_t,   W_t = α_t W_{t-1} - η_t NS_steps(m_t)   (per weight matrix;
                     β = 0 without a momentum rate)
     "delta_momentum": m_t = α_t m_{t-1} - λ m_{t-1} ĝ_tᵀ ĝ_t - η_t g_t,   W_t = W_{t-1} + m_t   (per weight
@@ -115,6 +117,10 @@ def step(
         W2_k = torch.einsum("bhnd,bhd->bhn", W2, k_hat)
         W2_new = scale_in(W2, retain_t) - eta * W2_k[..., :, None] * k_hat[..., None, :] - eta * g2
         W1_new = scale_out(W1, retain_t) - eta * g1
+        if cfg.dgd_both:  # the factor on W1 too, with its normalised input at the linearisation point
+            s_hat = torch.nn.functional.normalize(s[:, :, 0], dim=-1)
+            W1_s = torch.einsum("bhdn,bhn->bhd", W1, s_hat)
+            W1_new = W1_new - eta * W1_s[..., :, None] * s_hat[..., None, :]
     if cfg.grad == "stop":
         W1_new, W2_new = stop_gradient(W1_new, state.init1), stop_gradient(W2_new, state.init2)
         N1, N2 = N1.detach(), N2.detach()

@@ -45,7 +45,9 @@ class MLPMemoryConfig:
     read: "online" (θ_t), "before" (θ_{t-1}) or "boundary" (θ_{b-1}); o_t = M_θ(q_t).
     grad: outer-gradient mode "through", "stop" or "truncate" (every ``truncate_k`` chunks).
     optimizer: "gd" (θ ← α θ - η g), "momentum_gd" (m ← β m - η g, θ ← α θ + m, per parameter) or
-        "dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η g2 with k̂ = k / ‖k‖; W1 ← α W1 - η g1),
+        "dgd" (W2 ← W2 (α I - η k̂ k̂ᵀ) - η g2 with k̂ = k / ‖k‖; W1 ← α W1 - η g1; with ``dgd_both`` also
+        W1 ← α W1 - η (W1 ŝ) ŝᵀ - η g1, ŝ = s / ‖s‖ the normalised hidden input s = σ(W2 k) of W1 at the
+        chunk's linearisation point),
         "newton_schulz" (per weight matrix W ∈ {W1, W2} with its gradient g and momentum m:
         m ← β m + g, W ← α W - η NS_steps(m); β = 0 without a momentum rate) or
         "delta_momentum" (per weight matrix: m ← α m - λ m ĝᵀĝ - η g, W ← W + m, ĝ = g / (‖g‖_F + ε)).
@@ -72,6 +74,7 @@ class MLPMemoryConfig:
     lam: float = 1.0
     eps: float = DELTA_MOMENTUM_EPS
     window: int = 1
+    dgd_both: bool = False
 
     def __post_init__(self) -> None:
         check_catalogue_numbers(self.p, self.delta, self.steps, self.lam, self.eps)
@@ -79,6 +82,8 @@ class MLPMemoryConfig:
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
         if self.window > 1 and self.optimizer == "dgd":
             raise ValueError('a windowed objective with optimizer "dgd" is not defined (its factor takes one key)')
+        if self.dgd_both and self.optimizer != "dgd":
+            raise ValueError(f'dgd_both applies to optimizer "dgd", not {self.optimizer!r}')
         for name, choices in (
             ("objective", OBJECTIVES),
             ("read", READS),
