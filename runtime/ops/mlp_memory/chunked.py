@@ -72,7 +72,7 @@ from .state import (
 )
 
 # Tokens whose state-independent coefficients are formed at once (bounds the (L, L, d) tensors' memory).
-GROUP_TOKENS = 512
+GROUP_TOKENS = 128
 
 
 def has_parallel_form(cfg: MLPMemoryConfig, retain: Tensor, momentum: Tensor | None) -> bool:
