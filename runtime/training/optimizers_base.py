@@ -2,9 +2,8 @@
 
 An outer level that updates every N steps accumulates (sums) its share of the outer gradient over N calls of
 `step()` (each step's gradient as the loop left it, after clipping) and updates on the N-th, as a task level
-sums its chunk's gradients (DESIGN §3, CMS Eq. 71). All
-state is per parameter and made of tensors and plain numbers, so a checkpoint (safetensors + JSON) holds it
-whole and a resumed run continues bit for bit.
+sums its chunk's gradients (DESIGN §3, CMS Eq. 71). All state is per parameter and made of tensors and plain
+numbers, so a checkpoint (safetensors + JSON) holds it whole and a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
