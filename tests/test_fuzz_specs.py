@@ -345,6 +345,19 @@ REGRESSIONS = [
     pytest.param(_spec(MATRIX, "m", "sigmoid(linear(x)) per vocab"), id="rate-per-unknown-axis"),
     # an import path with a NUL byte (ValueError from pathlib while resolving it)
     pytest.param('import "a\x00b.nest"\n' + _spec("", "embed"), id="import-nul-byte"),
+    # Found by the hardening fuzz and hostile-spec tests (exit 70 before):
+    # nesting deeper than Python's recursion limit (RecursionError in the later stages)
+    pytest.param(_spec(MATRIX, "m", "sigmoid(" * 3000 + "1" + ")" * 3000), id="deep-calls"),
+    pytest.param(_spec(MATRIX, "m", "-" * 3000 + "1"), id="deep-negation"),
+    pytest.param(_spec(MATRIX, "m", "1 + " * 3000 + "1"), id="long-sum"),
+    pytest.param(_spec(MATRIX.replace("queries linear(x)", "queries x" + " |> l2norm" * 2000), "m"), id="long-pipe"),
+    # a name longer than the IR's 64 characters (a pydantic ValidationError)
+    pytest.param(_spec(MATRIX.replace("level m ", "level " + "m" * 65 + " "), "m" * 65), id="long-name"),
+    # `block * n` and level ranges beyond 1024 instances (names past the IR's 4 index digits)
+    pytest.param(
+        _spec(CMS, "cms").replace("chunks = [4, 16]", "chunks = [" + ", ".join(["4"] * 10_000) + "]"),
+        id="range-of-10000",
+    ),
 ]
 EXPECTED = {
     "index-infinite": "E016",
@@ -352,6 +365,12 @@ EXPECTED = {
     "p0": "E016",
     "rate-per-unknown-axis": "E025",
     "import-nul-byte": "E030",
+    "deep-calls": "E016",
+    "deep-negation": "E016",
+    "long-sum": "E016",
+    "long-pipe": "E016",
+    "long-name": "E016",
+    "range-of-10000": "E016",
 }
 
 

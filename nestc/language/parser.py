@@ -7,13 +7,14 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ..diagnostics import CompileError, Diagnostic, Source, Span
 from . import ast
 
 MAX_NAME = 64  # the IR's and the runtime plan's identifier patterns allow 64 characters
+MAX_DEPTH = 128  # parse-tree depth; the stages after parsing recurse over it
 
 # What users call the terminals lark names (lark would print LBRACE; people want `{`).
 FRIENDLY_TERMINALS = {
@@ -88,7 +89,7 @@ def parse(source: Source) -> ast.System:
         tree = _parser().parse(source.text)
     except UnexpectedInput as exc:
         raise CompileError([_syntax_diagnostic(exc, source)]) from None
-    _check_name_lengths(tree, source)
+    _check_limits(tree, source)
     try:
         system = _ToAst(source).transform(tree)
     except VisitError as exc:  # unwrap to the original error raised inside the transformer
@@ -97,20 +98,31 @@ def parse(source: Source) -> ast.System:
     return system
 
 
-def _check_name_lengths(tree: Any, source: Source) -> None:
-    """Names reach the IR, plan files and generated kernels, which accept at most MAX_NAME characters."""
-    for token in tree.scan_values(lambda t: isinstance(t, Token) and t.type == "NAME" and len(t) > MAX_NAME):
-        start = token.start_pos or 0
-        raise CompileError(
-            [
-                Diagnostic(
-                    "E016",
-                    f"the name `{str(token)[:16]}...` is {len(token)} characters long",
-                    source.span(start, start + len(token)),
-                    f"names have at most {MAX_NAME} characters",
-                )
-            ]
-        )
+def _check_limits(tree: Tree[Token], source: Source) -> None:
+    """Names reach the IR, plan files and generated kernels, which accept at most MAX_NAME characters; the later
+    stages walk the tree recursively, so it may nest at most MAX_DEPTH deep. Walked without recursion; the first
+    offence in the file is reported."""
+    found: list[tuple[int, int, str, str]] = []  # (start, end, message, hint)
+    stack: list[tuple[Tree[Token], int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            start = getattr(node.meta, "start_pos", 0) if not getattr(node.meta, "empty", True) else 0
+            end = getattr(node.meta, "end_pos", start) if not getattr(node.meta, "empty", True) else start
+            found.append((start, end, f"this is nested more than {MAX_DEPTH} deep", "write it with less nesting"))
+            continue
+        # `a |> f |> g` is one flat node that later stages nest, one level per stage
+        step = len(node.children) if node.data == "pipeline" else 1
+        for child in node.children:
+            if isinstance(child, Tree):
+                stack.append((child, depth + step))
+            elif isinstance(child, Token) and child.type == "NAME" and len(child) > MAX_NAME:
+                start = child.start_pos or 0
+                message = f"the name `{str(child)[:16]}...` is {len(child)} characters long"
+                found.append((start, start + len(child), message, f"names have at most {MAX_NAME} characters"))
+    if found:
+        start, end, message, hint = min(found)
+        raise CompileError([Diagnostic("E016", message, source.span(start, end), hint)])
 
 
 def _terminal_name(name: str) -> str:
