@@ -55,7 +55,8 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
     "E040": (
         "not supported by the runtime yet",
         "The spec is valid and checks clean, but the runtime cannot run this combination yet; `nestc check` "
-        "accepts it, `nestc compile` and `nestc train` refuse it and say which part is missing.",
+        "accepts it, `nestc compile` and `nestc train` refuse it and say which part is missing (e.g. an MLP "
+        "memory other than depth 1 or residual depth 2, a windowed objective with `dgd`).",
     ),
     # warnings
     "W001": ("parameter without gradient", "A parameter that no gradient reaches: it will never train."),
@@ -67,7 +68,8 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
     "W003": (
         "no parallel form",
         "The combination of memory, optimizer and frequency has no known chunked form, so it runs as a "
-        "compiled scan (one token at a time). The hint names the nearest parallel alternative.",
+        "compiled scan (one token at a time). The hint names the nearest parallel alternative. A windowed "
+        "objective (`window = c`) runs in parallel only with `gd` (as c virtual tokens per token).",
     ),
 }
 

@@ -266,7 +266,7 @@ class SelfModifying:
     M(x) = x + W1 σ(W2 x) per head. At token t (each memory's chunk restarting every C_□ tokens):
       k_t = l2norm(M_k,b(x_t)), v_t = M_v,b(x_t), η_t = η_max σ(mean M_η,b(x_t)), α_t = σ(mean M_α,b(x_t))
     with M_□,b at its own chunk-start state; q_t = l2norm(x_t W_q); o_t = M_memory,t−1(q_t) (read before);
-    then every memory takes a DGD step on v̂_□,t = M_□,b(v_t), with g_t at its chunk-start state:
+    then every memory takes a DGD step on v̂_□,t = l2norm(M_□,b(v_t)), with g_t at its chunk-start state:
       W2 ← W2 (α_t I − η_t k_t k_tᵀ) − η_t ∂ℓ/∂W2,  W1 ← α_t W1 − η_t ∂ℓ/∂W1,  ℓ = ½‖M_□(k_t) − v̂_□,t‖²."""
 
     NAMES = ("M_k", "M_v", "M_eta", "M_alpha", "M_memory")
@@ -295,7 +295,7 @@ class SelfModifying:
         out = mlp(*self.now["M_memory"], q)  # read before: θ_{t−1}
         self.inputs.append({"k": k, "v": v, "eta": eta[..., 0, 0], "alpha": alpha[..., 0, 0]})
         for n in self.NAMES:
-            target = mlp(*b[n], v)
+            target = l2n(mlp(*b[n], v))  # the spec's bound on the self-generated targets
             self.inputs[-1][n] = target
             g1, g2 = inner_grad(*b[n], k, target)
             W1, W2 = self.now[n]
@@ -518,7 +518,7 @@ def test_self_modifying_inputs_are_generated_at_the_producers_boundary_states(sp
             assert rel_err(probe["keys"].detach(), k.detach()) < tol, name
             assert rel_err(probe["lr"].detach(), eta.detach()) < tol, name
             assert rel_err(probe["retain"].detach(), alpha.detach()) < tol, name
-            target = torch.stack([i[name] for i in block.inputs], 2)  # v̂_□ = M_□,b(v_t): the objective's values
+            target = torch.stack([i[name] for i in block.inputs], 2)  # v̂_□ = l2norm(M_□,b(v_t)): the objective's values
             assert rel_err(probe["values"].detach(), target.detach()) < tol, name
         # Each memory compares with its own targets, all generated from one v_t.
         assert rel_err(probes[f"M_v[{layer}]"]["values"].detach(), probes[f"M_k[{layer}]"]["values"].detach()) > 1e-6
