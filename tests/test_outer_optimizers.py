@@ -14,7 +14,15 @@ import torch.nn.functional as F
 import nestc
 from nestc.pipeline import front_end, to_plan
 from nestc_runtime import RuntimeInputError
-from nestc_runtime.training import BatchSampler, ByteTokenizer, TrainSettings, build_optimizers, read_metrics, train
+from nestc_runtime.training import (
+    BatchSampler,
+    ByteTokenizer,
+    TrainSettings,
+    build_optimizers,
+    load_checkpoint,
+    read_metrics,
+    train,
+)
 from nestc_runtime.training.optimizers import M3, SGD, AdamW, Muon, gradient_memory_step
 from nestc_runtime.training.optimizers_dmgd import DMGD, inner_gradients, inner_loss, memory_read
 from nestc_runtime.training.optimizers_select import parameter_categories
@@ -434,6 +442,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(optimizer: str,
     _run(spec, tmp_path / "parts", steps=3)
     resumed = _run(spec, tmp_path / "parts", steps=7, resume=True)
     assert resumed == straight and len(straight) == 7
+    ends = [load_checkpoint(tmp_path / run / "ckpt-00000007")[0] for run in ("straight", "parts")]
+    assert ends[0].keys() == ends[1].keys() and any(k.startswith("optim.hidden.") for k in ends[0])
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0] if not k.startswith("rng"))
 
 
 # ---- end to end through `nestc train` --------------------------------------------------------------------------
