@@ -39,6 +39,9 @@ W2_{i+1} = W2_i ∘ α_i + w_i k̂_iᵀ - η_i u_i k_iᵀ with w_i = -η_i W2_i 
 lower-triangular system (I + diag(η) A) w = -diag(η) (W2_e (Γ ∘ k̂) + Σ_r X η_r (k_r ∘ k̂) u_r) for the
 w of the segment (the WY/UT form of the delta rule); its inverse does not depend on the state and is
 formed once per group of blocks; u (the back-propagated signal at the chunk start) is fixed inside it.
+"dgd" with ``dgd_both`` gives W1 the same factor, W1_{i+1} = α_i ∘ W1_i + w1_i ŝ_iᵀ - η_i δ_i s_iᵀ with
+w1_i = -η_i W1_i ŝ_i and ŝ = s/‖s‖ from the chunk start: that key depends on the state, so W1's system
+(one per channel with per-channel rates, since X then differs per output channel) is solved per block.
 
 Scope of the parallel form: "gd", "momentum_gd" and "dgd", rates per head or per channel.
 "newton_schulz" (a non-linear map of the momentum every token) and "delta_momentum" (its factor
