@@ -14,8 +14,8 @@ Rows, forward and forward+backward, bf16 inputs, medians of `triton.testing.do_b
   - the Titans MLP memory (d = 256, 4 heads, chunk 16, batch 2, T = 1024): nestc's titans_lmm memory level on
     the GPU (momentum and per-channel retention: no generated kernel covers it, so this is the chunked PyTorch
     path), nestc's generated MLP kernel on the nearest covered model (the same MLP x + LN(W1 silu(W2 x)) and
-    sizes, `gd` with a per-head retention; forward, and forward+backward whose backward is the PyTorch
-    recompute), and titans-pytorch's NeuralMemory, when installed.
+    sizes, `gd` with a per-head retention; forward and forward+backward), and titans-pytorch's NeuralMemory,
+    when installed.
 Targets (issue #18): within 1.2x of flash-linear-attention's time on its shapes; >= 10x titans-pytorch.
 
 Run: python bench/kernels_gpu.py [--quick]; results go to bench/results/kernels_gpu.{json,md}.

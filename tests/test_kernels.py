@@ -272,7 +272,18 @@ def test_backend_triton_without_gpu_needs_the_interpreter(monkeypatch: pytest.Mo
     assert kernels.resolve_backend("triton") == "triton"
 
 
-# ---- the 2-layer MLP memory: the generated per-chunk forward and update (backward: the PyTorch recompute)
+def test_a_stale_cached_kernel_is_regenerated(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """The digest names the key, not the compiler version: with the compiler installed, its source wins."""
+    from nestc.codegen import source_for
+    from nestc_runtime.kernels.key import parse_key
+
+    monkeypatch.setenv("NESTC_KERNEL_CACHE", str(tmp_path))
+    key = parse_key("matrix-dot-gd-after-online-c16-bt16-dk16-dv16-fp32")
+    (tmp_path / f"{key.digest()}.py").write_text('KEY = "an older kernel"\n')
+    assert source._generate(key).read_text() == source_for(key.text())
+
+
+# ---- the 2-layer MLP memory: generated per-chunk forward and update, and backward
 
 
 def _mlp_compare(objective: str, read: str, chunk: int, norm: bool, steps: int, dtype=torch.float32, lengths=None):

@@ -78,8 +78,7 @@ def test_sources_parse_and_use_only_the_triton_36_api():
         used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "tl"}
         assert used <= TRITON_36_API, used - TRITON_36_API
         functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-        kernels = {"forward_kernel"} if isinstance(key, MLPKernelKey) else {"forward_kernel", "backward_kernel"}
-        assert kernels <= functions
+        assert {"forward_kernel", "backward_kernel"} <= functions
 
 
 @pytest.mark.parametrize(
@@ -178,9 +177,7 @@ for text in sys.argv[1:]:
     kinds = {"q": io, "k": io, "v": io, "o": io, "do": io, "dq": io, "dk": io, "dv": io}
     kinds.update(lengths="*i32", T="i32", NB="i32")
     for name in ("forward_kernel", "backward_kernel"):
-        fn = getattr(module, name, None)
-        if fn is None:  # the MLP kernel is forward only
-            continue
+        fn = getattr(module, name)
         signature = {arg: kinds.get(arg, "*fp32") for arg in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs={})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
@@ -204,5 +201,5 @@ def test_every_kernel_variant_compiles_for_sm90_without_a_gpu(tmp_path: Path):
         pytest.xfail(f"environment: Triton's bundled ptxas is missing here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 2 * len(AOT_KEYS) - sum(text.startswith("mlp-") for text in AOT_KEYS)
+    assert len(compiled) == 2 * len(AOT_KEYS)
     assert all("cubin" in stages and "ptx" in stages for stages in compiled.values())

@@ -6,6 +6,8 @@ It looks for `<digest>.py` (the digest of the kernel key) in, in order:
    which `nestc compile -o DIR` fills);
 2. the cache directory (`$NESTC_KERNEL_CACHE`, default `~/.cache/nestc/kernels`), where source obtained from
    a generator is written.
+When a generator is installed it is asked first and its source replaces a stale cached file (the digest
+names the key, not the compiler version).
 A generator is any callable key text -> source, installed with `use_generator` by whoever can generate
 (the compiler's `nestc.codegen.install()`, which `nestc.compile` and the command line call).
 The file is imported from disk (not exec'd from a string) because Triton reads a kernel's source with
@@ -74,9 +76,12 @@ def _generate(key: KernelKey) -> Path:
             hint="compile the spec with `nestc compile SPEC -o DIR` and load DIR, or call nestc.codegen.install()",
         )
     path = cache_dir() / f"{key.digest()}.py"
+    text = _generator(key.text())
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_generator(key.text()), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -87,7 +92,11 @@ def kernel_module(key: KernelKey) -> ModuleType:
     with _lock:
         if text in _modules:
             return _modules[text]
-        path = _find(key) or _generate(key)
+        # With a generator installed (the compiler in this process) its source is the truth: a cached file
+        # from another compiler version is rewritten. Without one, the files on disk are all there is.
+        path = _generate(key) if _generator is not None else _find(key)
+        if path is None:
+            path = _generate(key)  # raises the "no generated kernel" error
         module = _import(path, f"nestc_kernels.{key.digest()}")
         if getattr(module, "KEY", None) != text:
             raise RuntimeInputError(f"{path}: holds the kernel `{getattr(module, 'KEY', '?')}`, not `{text}`")

@@ -1,5 +1,5 @@
-"""The MLP-memory op on a generated Triton kernel (forward and update; the backward recomputes with the
-chunked PyTorch form): the contract of `reference.scan` and `chunked.chunked`.
+"""The MLP-memory op on generated Triton kernels (forward with the update, and backward): the contract of
+`reference.scan` and `chunked.chunked`.
 
 Covered: M(x) = x + [LN](W1 silu(W2 x)), objective `dot` or `l2`, optimizer `gd` with a per-head (or scalar)
 retention, every C tokens with C in 16, 32, 64, outer gradient `through`, calls that start a chunk, head
