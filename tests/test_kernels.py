@@ -215,15 +215,24 @@ def test_without_generated_source_the_chunked_path_runs(monkeypatch: pytest.Monk
 
 
 def test_custom_op_registrations():
-    """torch.library's own checks of the schema, the fake (meta) kernel and the autograd formula."""
-    from nestc_runtime.kernels.matrix_ops import matrix_memory_forward
+    """torch.library's own checks of each op's schema, fake (meta) kernel and autograd registration."""
+    from nestc_runtime.kernels.matrix_ops import matrix_memory_forward, matrix_momentum_forward
+    from nestc_runtime.kernels.mlp_ops import mlp_memory_forward
 
-    cfg = _cfg("l2", "gd", "before", "online", 16)
-    key = kernels.kernel_key(cfg, 16, 16, torch.float32).text()
-    q, k, v, lr, retain, _, init = (x.detach().float() for x in _leaves(1, 1, 16, 16, torch.float32, 5))
-    args = (key, q, k, v, lr, torch.log(retain), init[None].clone())
-    leaves = [x.requires_grad_() for x in args[1:]]
-    torch.library.opcheck(matrix_memory_forward, (key, *leaves), test_utils=("test_schema", "test_faketensor"))
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    q, k, v, lr, retain, beta, init = (x.detach().float() for x in _leaves(1, 1, 16, 16, torch.float32, 5))
+    key = kernels.kernel_key(_cfg("l2", "gd", "before", "online", 16), 16, 16, torch.float32).text()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, lr, retain.log(), init[None])]
+    torch.library.opcheck(matrix_memory_forward, (key, *leaves), test_utils=checks)
+    key = kernels.kernel_key(_cfg("l2", "momentum_gd", "after", "online", 16), 16, 16, torch.float32).text()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, lr, retain.log(), beta.log(), init[None], init[None])]
+    torch.library.opcheck(
+        matrix_momentum_forward, (key, *leaves, torch.tensor([16], dtype=torch.int32)), test_utils=checks
+    )
+    key = "mlp-l2-gd-online-c16-d16-h32-ln-fp32"
+    w1, w2 = torch.randn(1, 1, 16, 32) / 6, torch.randn(1, 1, 32, 16) / 4
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, lr, retain.log(), w1, w2)]
+    torch.library.opcheck(mlp_memory_forward, (key, *leaves), test_utils=checks)
 
 
 def test_torch_compile_traces_through_the_kernel():
