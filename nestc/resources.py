@@ -62,11 +62,18 @@ def human(size: float) -> str:
 
 
 def count_parameters(plan: Plan) -> int:
-    """The exact parameter count of the compiled model, built on the meta device (no memory allocated)."""
+    """The exact parameter count of the compiled model, built on the meta device (no memory allocated). Sizes
+    too large for PyTorch to describe at all (a tensor of more than 2^63 elements) are refused here."""
     import torch
 
-    with torch.device("meta"):
-        model = CompiledModel(plan, backend="chunked")
+    try:
+        with torch.device("meta"):
+            model = CompiledModel(plan, backend="chunked")
+    except (RuntimeError, TypeError, OverflowError, ValueError) as error:
+        raise TooLarge(
+            f"`{plan.system}` at these sizes cannot be built at all ({str(error).splitlines()[0][:160]})",
+            hint="lower the spec's sizes (--set d=...)",
+        ) from None
     return sum(p.numel() for p in model.parameters())
 
 

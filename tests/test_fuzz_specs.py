@@ -351,6 +351,8 @@ REGRESSIONS = [
     pytest.param(_spec(MATRIX, "m", "-" * 3000 + "1"), id="deep-negation"),
     pytest.param(_spec(MATRIX, "m", "1 + " * 3000 + "1"), id="long-sum"),
     pytest.param(_spec(MATRIX.replace("queries linear(x)", "queries x" + " |> l2norm" * 2000), "m"), id="long-pipe"),
+    # an expression constant beyond float32 (a RuntimeError when the runtime builds the tensor)
+    pytest.param(_spec(MATRIX, "m", "1e39"), id="constant-beyond-float32"),
     # a name longer than the IR's 64 characters (a pydantic ValidationError)
     pytest.param(_spec(MATRIX.replace("level m ", "level " + "m" * 65 + " "), "m" * 65), id="long-name"),
     # `block * n` and level ranges beyond 1024 instances (names past the IR's 4 index digits)
@@ -370,6 +372,7 @@ EXPECTED = {
     "long-sum": "E016",
     "long-pipe": "E016",
     "long-name": "E016",
+    "constant-beyond-float32": "E016",
     "range-of-10000": "E016",
 }
 

@@ -242,6 +242,16 @@ def test_hostile_flag_values_are_usage_errors(
         assert code in (0, 1, 2), err
 
 
+def test_non_finite_settings_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """inf passed pydantic's `gt=0` and then broke the JSON of the checkpoint (exit 70)."""
+    spec = str(ROOT / "specs" / "deltanet.nest")
+    for value in ("inf", "-inf", "nan", "1e999"):
+        for setting in ("optim.lr", "train.max_read", "optim.grad_clip"):
+            args = ["train", spec, "--data", spec, "--steps", "1", "--out", str(tmp_path / "r"), "--set"]
+            code, _, err = _run([*args, f"{setting}={value}"], capsys)
+            assert code == 2 and ("finite" in err or "greater than" in err), err
+
+
 def test_hostile_checkpoint_and_state_paths(tmp_path: Path, sentinel: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = str(ROOT / "specs" / "deltanet.nest")
     for ckpt in ("../../../../../../etc", "/etc/passwd", payloads(sentinel)[1], str(tmp_path)):

@@ -7,7 +7,6 @@ The estimate is checked against the measured peak of real `nestc train` runs: a 
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +108,18 @@ def test_a_huge_request_is_refused_on_this_machine(
     capsys.readouterr()
     assert main([*args, "--data", str(corpus), "--steps", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_sizes_beyond_what_pytorch_can_describe_are_refused_even_with_force(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """d = 1e12 overflows a tensor's element count (it was exit 70 from the meta-device build)."""
+    for d in ("1e12", "1e300"):
+        args = ["train", DELTANET, "--set", f"d={d}", "--data", str(corpus), "--steps", "1", "--force"]
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert "cannot be built at all" in err and "Traceback" not in err and "internal error" not in err
 
 
 # ---- the estimate against measured peaks -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from . import models as ir
 
 ROLES: tuple[ir.Role, ...] = ("queries", "keys", "values", "targets")
 IN_CONTEXT_ONLY = {"memory", "queries", "keys", "values", "targets", "objective", "decay", "read", "outer gradient"}
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: expression constants must fit the runtime's dtype
 MAX_REPEAT = 1024  # `block * n` copies; instance names carry at most 4 index digits
 # A fragment loader: (path as written, span of the import) -> the fragment's AST, or None after an error.
 FragmentLoader = Callable[[str, Span], "ast.System | None"]
@@ -745,7 +746,7 @@ class Elaborator:
 
     def _expr_rec(self, e: ast.Expr, level: str, role: str, counter: list[int]) -> ir.Expr:
         if isinstance(e, ast.Number):
-            return ir.Const(value=e.value)
+            return self._float32(e.value, e.span)
         if isinstance(e, ast.Name):
             return self._name_expr(e, role)
         if isinstance(e, ast.Neg):
@@ -774,12 +775,18 @@ class Elaborator:
         )
         raise AssertionError  # unreachable: _fail raises
 
+    def _float32(self, value: float, span: Span) -> ir.Const:
+        """A constant of an expression: the runtime computes in float32, so it must be finite there."""
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            self._fail("E016", f"the constant {value:g} is not a finite 32-bit float", span, "|c| <= 3.4e38")
+        return ir.Const(value=value)
+
     def _name_expr(self, e: ast.Name, role: str) -> ir.Expr:
         if e.id == "x":
             return ir.Input()
         value = self.local.get(e.id, self.params.get(e.id))
         if isinstance(value, (int, float)):
-            return ir.Const(value=float(value))
+            return self._float32(float(value), e.span)
         if e.id in ("queries", "keys", "values") and role in ("targets",):
             return ir.RoleRef(role=e.id)  # type: ignore[arg-type]
         if e.id in cat.EXPR_FUNCTIONS:

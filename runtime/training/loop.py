@@ -39,7 +39,7 @@ _STATE_KEY = re.compile(r"^(\d+)\.(\w+)$")
 class TrainSettings(BaseModel):
     """Run settings of `train` (from a TOML file or `--set`); unknown keys are an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf and nan are not settings (nor JSON)
 
     steps: int = Field(1000, ge=1, description="total optimizer steps of the run (a resumed run counts on)")
     batch: int = Field(8, ge=1, description="sequences per step")
