@@ -307,9 +307,12 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
             key = ("matrix", level.inner.kind)
         chunks = PARALLEL_FORMS.get(key, set())
         nonlinear = key == ("matrix", "dgd") and (level.objective.kind in ("lp", "huber") or mapped)
+        # momentum_gd on a matrix runs in parallel with decay after and no output map only
+        output_map = mapped and (level.memory.residual or level.memory.norm != "none")
+        momentum_scan = key == ("matrix", "momentum_gd") and (output_map or level.inner.decay == "before")
         # A windowed objective runs in parallel through `gd`'s virtual tokens only.
         windowed = (level.objective.window or 1) > 1 and level.inner.kind != "gd"
-        if not nonlinear and not windowed and (chunks is None or level.update.count in chunks):
+        if not nonlinear and not momentum_scan and not windowed and (chunks is None or level.update.count in chunks):
             continue
         why = (
             f"`{level.inner.kind}` with `{level.objective.kind}`"
@@ -318,6 +321,8 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
         )
         if windowed:
             why = f"a windowed objective with `{level.inner.kind}`"
+        elif momentum_scan:
+            why = "`momentum_gd` with an output map" if output_map else "`momentum_gd` with `decay before`"
         if level.update.count == 1 and level.memory.kind == "mlp":
             why = "an MLP memory updated every token"
         hint = NEAREST_PARALLEL.get(key, "`gd`, `momentum_gd` (MLP) or `dgd` run in parallel")

@@ -88,6 +88,7 @@ DECAYS = ("after", "before")
 PARALLEL_FORMS: dict[tuple[str, str], set[int] | None] = {
     ("matrix", "gd"): None,
     ("matrix", "dgd"): None,
+    ("matrix", "momentum_gd"): {c for c in range(2, 1 << 16)},  # decay after, no output map (rules.py)
     ("mlp", "gd"): {c for c in range(2, 1 << 16)},
     ("mlp", "momentum_gd"): {c for c in range(2, 1 << 16)},
     ("mlp", "dgd"): {c for c in range(2, 1 << 16)},
@@ -96,5 +97,5 @@ NEAREST_PARALLEL = {
     ("mlp", "gd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
     ("mlp", "momentum_gd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
     ("mlp", "dgd"): "an MLP memory updated every token has no parallel form; `update every 16 tokens` has one",
-    ("matrix", "momentum_gd"): "`gd` or `dgd` runs in parallel (WY/UT)",
+    ("matrix", "momentum_gd"): "`update every 16 tokens` (decay after) runs in parallel; every token, `gd` or `dgd` do",
 }

@@ -6,12 +6,16 @@ runtime is used to compute it); chunked is then held to the reference.
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
 
 from nestc_runtime.ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked, scan
 from nestc_runtime.ops.matrix_memory.chunked import has_parallel_form
+from nestc_runtime.ops.matrix_memory.momentum import has_momentum_form
 from nestc_runtime.ops.newton_schulz import newton_schulz
 
 F64 = torch.float64
@@ -249,3 +253,103 @@ def test_newton_schulz_orthogonalises() -> None:
     assert sv.min() > 0.6 and sv.max() < 1.2
     assert_close(newton_schulz(X.transpose(-1, -2), 5), Y.transpose(-1, -2), 1e-12)
     assert torch.allclose(newton_schulz(torch.zeros(3, 3, dtype=F64), 3), torch.zeros(3, 3, dtype=F64))
+
+
+# ---------------------------------------------------------------- momentum_gd's chunk-parallel form
+
+
+@pytest.fixture
+def momentum_form_taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records that the chunked calls took ``chunked_momentum`` (and refuses the scan fallback)."""
+    module = importlib.import_module("nestc_runtime.ops.matrix_memory.chunked")
+    taken: list[bool] = []
+    real = module.chunked_momentum
+
+    def spy(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        taken.append(True)
+        return real(*args, **kwargs)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the scan fallback was taken")
+
+    monkeypatch.setattr(module, "chunked_momentum", spy)
+    monkeypatch.setattr(module, "_scan_fallback", refuse)
+    return taken
+
+
+@pytest.mark.parametrize("read", ["online", "before", "boundary"])
+@pytest.mark.parametrize("objective", ["l2", "dot", "lp", "huber"])
+def test_momentum_chunked_matches_reference(momentum_form_taken: list[bool], read: str, objective: str) -> None:
+    for chunk, grad in ((2, "through"), (4, "stop"), (16, "truncate")):
+        for steps, per_channel in ((chunk + 1, False), (37, True)):
+            xs = make(steps, seed=steps + chunk, per_channel=per_channel)
+            if per_channel:  # a per-channel β too
+                beta = 0.9 * torch.sigmoid(torch.randn(B, H, steps, DK, generator=torch.Generator().manual_seed(3)))
+                xs["beta"] = beta.to(F64).requires_grad_()
+            cfg = MatrixMemoryConfig(
+                objective, "after", chunk, read, grad, truncate_k=2, optimizer="momentum_gd", p=3.0, delta=0.5
+            )
+            _check(xs, cfg, lengths=torch.tensor([steps, max(steps - 5, 0)]))
+    assert momentum_form_taken
+
+
+def test_momentum_chunked_streaming_and_phases(momentum_form_taken: list[bool]) -> None:
+    """Calls of 3, 7 and 13 tokens (each later call starts inside a chunk opened before it) equal one call."""
+    cfg = MatrixMemoryConfig("l2", "after", 4, "online", "truncate", truncate_k=2, optimizer="momentum_gd")
+    xs = make(23, seed=8, per_channel=True)
+    o_full, s_full = call(scan, xs, cfg)
+    state = MatrixMemoryState.initial(xs["init"], B)
+    pieces = []
+    for a, b in [(0, 3), (3, 10), (10, 23)]:
+        part = {n: (x if n == "init" else x[:, :, a:b]) for n, x in xs.items()}
+        o, state = call(chunked, part, cfg, state=state, lengths=torch.tensor([b - a, b - a]))
+        pieces.append(o)
+    assert_close(torch.cat(pieces, 2), o_full)
+    for a_, b_ in ((state.S, s_full.S), (state.P, s_full.P), (state.momentum, s_full.momentum)):
+        assert_close(a_, b_)
+    assert_close(state.log_decay, s_full.log_decay)
+    assert torch.equal(state.phase, s_full.phase) and torch.equal(state.chunks_done, s_full.chunks_done)
+    assert len(momentum_form_taken) == 3
+
+
+def test_momentum_form_scope() -> None:
+    xs = make(4, 0)
+    state = MatrixMemoryState.initial(xs["init"], B)
+
+    def takes(**kw: object) -> bool:
+        cfg = MatrixMemoryConfig(**{"objective": "l2", "decay": "after", "chunk": 4, "read": "online", **kw})  # type: ignore[arg-type]
+        return has_momentum_form(cfg, xs["retain"], xs["beta"], state)
+
+    assert takes(optimizer="momentum_gd")
+    assert not takes(optimizer="momentum_gd", chunk=1)  # at C = 1 an l2 gradient needs the previous state
+    assert not takes(optimizer="momentum_gd", decay="before")
+    assert not takes(optimizer="momentum_gd", norm=True)
+    assert not takes(optimizer="gd")
+
+
+MOMENTUM_SPEC = """
+system case(d = 8, heads = 2, vocab = 257) {{
+  level pretrain {{ update every step; optimizer adamw(lr = 1e-3) }}
+  level memory in pretrain {{
+    memory    matrix per head
+    queries   linear(x) |> l2norm
+    keys      linear(x) |> l2norm
+    values    linear(x)
+    objective l2(memory(keys), values)
+    optimizer momentum_gd(lr = 0.1, momentum = 0.9){decay}
+    update every {chunk} tokens; read online; outer gradient through
+  }}
+  model = embed -> residual(rmsnorm -> memory -> linear) -> head
+}}
+"""
+
+
+@pytest.mark.parametrize("chunk,decay,scan", [(16, "", False), (1, "", True), (16, "; decay before", True)])
+def test_momentum_w003_names_only_the_scans(tmp_path: Path, chunk: int, decay: str, scan: bool) -> None:
+    """W003 (runs as a scan) for matrix momentum_gd every token or with decay before, not every 16 tokens."""
+    from nestc.pipeline import front_end
+
+    spec = tmp_path / "case.nest"
+    spec.write_text(MOMENTUM_SPEC.format(chunk=chunk, decay=decay))
+    codes = {w.code for w in front_end(spec).warnings}
+    assert ("W003" in codes) == scan

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..memory_maps import gradient_signal, memory_output
 from . import reference
+from .momentum import chunked_momentum, has_momentum_form
 from .state import (
     MatrixMemoryConfig,
     MatrixMemoryState,
@@ -385,6 +386,8 @@ def chunked(
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    if momentum is not None and has_momentum_form(cfg, retain, momentum, state):
+        return chunked_momentum(q, k, v, lr, retain, state, cfg, lengths, momentum)
     if not has_parallel_form(cfg, retain, state):
         return _scan_fallback(q, k, v, lr, retain, state, cfg, lengths, momentum)
     batch, _, steps, _ = q.shape

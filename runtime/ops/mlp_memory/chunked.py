@@ -487,12 +487,13 @@ def _pad_time(mask: Tensor, pad: int) -> Tensor:
     return torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1) if pad else mask
 
 
-def _schedule(state: MLPMemoryState, valid: Tensor, cuts: Tensor | None, blocks: int, chunk: int) -> _Schedule:
+def _schedule(phase0: Tensor, done0: Tensor, valid: Tensor, cuts: Tensor | None, blocks: int, chunk: int) -> _Schedule:
+    """The stage masks of every block from the phases (B,) and chunk counts (B,) at the call's start."""
     batch, steps = valid.shape
     pad = blocks * chunk - steps
     live = _pad_time(valid, pad).view(batch, blocks, chunk)
     counts = live.sum(2)
-    phase = (state.phase[:, None] + counts.cumsum(1) - counts) % chunk  # (B,N) at each block's start
+    phase = (phase0[:, None] + counts.cumsum(1) - counts) % chunk  # (B,N) at each block's start
     first = ((chunk - phase) % chunk)[..., None]  # local index of the (at most one) chunk start
     local = torch.arange(chunk, device=valid.device)
     stage_a, stage_b = live & (local < first), live & (local >= first)
@@ -502,14 +503,12 @@ def _schedule(state: MLPMemoryState, valid: Tensor, cuts: Tensor | None, blocks:
         padded = _pad_time(cuts, pad).view(batch, blocks, chunk)
         cut = padded.gather(2, first)[..., 0] & opens
         cut = cut.t()
-    offset = state.phase + counts.sum(1)
+    offset = phase0 + counts.sum(1)
 
     def major(x: Tensor) -> Tensor:
         return x.transpose(0, 1).reshape(blocks * batch, chunk)
 
-    return _Schedule(
-        major(stage_a), major(stage_b), opens.t(), cut, offset % chunk, state.chunks_done + offset // chunk
-    )
+    return _Schedule(major(stage_a), major(stage_b), opens.t(), cut, offset % chunk, done0 + offset // chunk)
 
 
 def _where_rows(rows: Tensor, a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -560,7 +559,7 @@ def chunked(
         stop_delta = (start1 - start1.detach(), start2 - start2.detach())
     cuts = truncation_mask(state.phase, state.chunks_done, cfg, steps) & valid if cfg.grad == "truncate" else None
     blocks = -(-steps // chunk)
-    plan = _schedule(state, valid, cuts, blocks, chunk)
+    plan = _schedule(state.phase, state.chunks_done, valid, cuts, blocks, chunk)
     has_a = plan.stage_a.view(blocks, batch, chunk).any(2).any(1).tolist()
     all_open = plan.opens.all(1).tolist()
     any_open = plan.opens.any(1).tolist()
