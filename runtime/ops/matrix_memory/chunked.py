@@ -40,7 +40,8 @@ An output map (M(x) = [x +] [LN](S x), ``memory_maps``) makes δ non-linear in t
 the chunk-by-chunk ``_nonlinear_updates`` path, and the map is applied to every read at the end.
 
 Scope of the parallel form: optimizer "gd" (any objective) and "dgd" ("dot" and "l2"), with α per head
-or per channel.  Every other combination ("momentum_gd", "newton_schulz", "delta_momentum", "dgd" with
+or per channel; "momentum_gd" at C ≥ 2 with decay after goes to ``momentum.chunked_momentum``.  Every
+other combination ("momentum_gd" otherwise, "newton_schulz", "delta_momentum", "dgd" with
 "lp"/"huber", a per-head α fed to a stream whose carried decay is per channel) runs through
 ``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a per-token loop over the
 reference step behind the same API (identical results and gradients, no parallelism over tokens).
