@@ -203,3 +203,17 @@ def test_every_kernel_variant_compiles_for_sm90_without_a_gpu(tmp_path: Path):
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(compiled) == 2 * len(AOT_KEYS)
     assert all("cubin" in stages and "ptx" in stages for stages in compiled.values())
+
+
+def test_kernels_that_would_not_fit_a_gpu_block_are_not_chosen():
+    """sm_90 gives a block at most 227 KB of shared memory; the sizes triton.compile reported for the
+    backward kernels decide the block at C = 1 and which keys exist (runtime/kernels/key.py, fits_sm90)."""
+    from nestc_runtime.kernels.key import block_for_chunk, fits_sm90, parse_key
+
+    assert block_for_chunk(1, 64) == 64 and block_for_chunk(1, 128) == 32 and block_for_chunk(4) is None
+    assert fits_sm90(parse_key("matrix-l2-gd-before-online-c1-bt32-dk128-dv128-bf16"))
+    assert not fits_sm90(parse_key("matrix-l2-gd-before-online-c1-bt64-dk128-dv128-bf16"))
+    assert not fits_sm90(parse_key("matrix-l2-gd-after-online-c32-bt32-dk128-dv128-bf16"))
+    assert fits_sm90(parse_key("matrix-l2-momentum_gd-before-online-c1-bt64-dk64-dv64-bf16"))
+    assert fits_sm90(parse_key("mlp-l2-gd-online-c16-d64-h128-ln-bf16"))
+    assert not fits_sm90(parse_key("mlp-l2-gd-online-c16-d64-h256-ln-bf16"))

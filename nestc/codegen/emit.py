@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nestc_runtime.kernels.key import MLPKernelKey, block_for_chunk
+from nestc_runtime.kernels.key import MLPKernelKey, block_for_chunk, fits_sm90
 from nestc_runtime.ops.matrix_memory.state import MatrixMemoryConfig
 from nestc_runtime.ops.matrix_memory.triton import kernel_key
 from nestc_runtime.plan import LevelPlan, Plan
@@ -42,7 +42,8 @@ def level_keys(level: LevelPlan) -> list[GeneratedKernel]:
             read=level.read,
             optimizer=level.optimizer or "gd",
         )
-        return [render_matrix(kernel_key(cfg, level.d_key, level.d_value, dtype)) for dtype in DTYPES]
+        keys = [kernel_key(cfg, level.d_key, level.d_value, dtype) for dtype in DTYPES]
+        return [render_matrix(key) for key in keys if fits_sm90(key)]
     except ValueError:  # head dims or a combination without a kernel
         return []
 
@@ -62,7 +63,7 @@ def _mlp_keys(level: LevelPlan) -> list[GeneratedKernel]:
                 for dtype in ("fp32", "bf16")]  # fmt: skip
     except ValueError:  # sizes or a chunk without a kernel
         return []
-    return [render_mlp(key) for key in keys]
+    return [render_mlp(key) for key in keys if fits_sm90(key)]
 
 
 def _where(span: Span, source: Source) -> str:

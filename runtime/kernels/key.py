@@ -91,11 +91,29 @@ class MatrixKernelKey:
         )
 
 
-def block_for_chunk(chunk: int) -> int | None:
-    """The block a chunk size runs in: TOKEN_BLOCK at C = 1, C itself when it is a kernel block size."""
+def block_for_chunk(chunk: int, width: int = 64) -> int | None:
+    """The block a chunk size runs in: at C = 1 TOKEN_BLOCK, or 32 for head dims above 64 (shared memory,
+    see `fits_sm90`); C itself when it is a kernel block size."""
     if chunk == 1:
-        return TOKEN_BLOCK
+        return TOKEN_BLOCK if width <= 64 else 32
     return chunk if chunk in BLOCKS else None
+
+
+SM90_SHARED_BYTES = 232_448  # shared memory one block may use on sm_90 (H100, H200)
+
+
+def fits_sm90(key: MatrixKernelKey | MLPKernelKey) -> bool:
+    """Whether a key's forward and backward kernels fit in SM90_SHARED_BYTES (else the launch fails), by the
+    sizes triton.compile reports for GPUTarget("cuda", 90, 32) with Triton 3.9 (bf16 keys, bytes; backward,
+    the larger of the two): matrix gd at C = 1: block 64 head dim 64 147,456; block 64 dim 128 376,832 (no);
+    block 32 dim 128 200,704. Matrix gd with C = block: 64 and dim 128 361,472 (no); 32 and dim 128 246,272
+    (no). Matrix momentum_gd at C = 1, block 64, dim 64: 212,992. MLP at C = 16: d 64 hidden 256 389,376 (no);
+    d 64 hidden 128 200,960; d 32 hidden 128 107,776. Unmeasured combinations past these are refused."""
+    if isinstance(key, MLPKernelKey):
+        return key.chunk * key.d * key.hidden <= 16 * 64 * 128
+    if max(key.d_key, key.d_value) <= 64:
+        return True
+    return key.optimizer == "gd" and key.per_token and key.block <= 32
 
 
 def _number(word: str, prefix: str) -> int:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...errors import RuntimeInputError
-from ...kernels.key import BLOCKS, DTYPES, HEAD_DIMS, MatrixKernelKey, block_for_chunk
+from ...kernels.key import BLOCKS, DTYPES, HEAD_DIMS, MatrixKernelKey, block_for_chunk, fits_sm90
 from ...kernels.source import available
 from .chunked import chunked
 from .state import MatrixMemoryConfig, MatrixMemoryState, init_rows, safe_log_retain
@@ -79,6 +79,8 @@ def why_not(
         (_starts_chunks(state), "a call that starts inside a chunk"),
     ]
     reason = next((f"no kernel for {what}" for ok, what in checks if not ok), None)
+    if reason is None and q.is_cuda and not fits_sm90(kernel_key(cfg, q.shape[-1], state.S.shape[-2], q.dtype)):
+        reason = "no kernel for these sizes within a GPU block's shared memory"
     if reason is None and not available(kernel_key(cfg, q.shape[-1], state.S.shape[-2], q.dtype)):
         reason = "no generated source for this kernel (load a `nestc compile -o` directory, or nestc.codegen.install())"
     return reason
@@ -96,7 +98,7 @@ def _starts_chunks(state: MatrixMemoryState) -> bool:
 
 def kernel_key(cfg: MatrixMemoryConfig, d_key: int, d_value: int, dtype: torch.dtype) -> MatrixKernelKey:
     """The key of the kernel for a configuration (callers check `why_not` first)."""
-    block = block_for_chunk(cfg.chunk)
+    block = block_for_chunk(cfg.chunk, max(d_key, d_value))
     assert block is not None
     return MatrixKernelKey(
         objective=cfg.objective,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.key import BLOCKS, HEAD_DIMS, HIDDEN_DIMS, MLPKernelKey
+from ...kernels.key import BLOCKS, HEAD_DIMS, HIDDEN_DIMS, MLPKernelKey, fits_sm90
 from ...kernels.source import available
 from ..matrix_memory.triton import interpreting
 from .chunked import chunked
@@ -37,6 +37,8 @@ def why_not(cfg: MLPMemoryConfig, q: Tensor, retain: Tensor, state: MLPMemorySta
         (torch.compiler.is_compiling() or bool((state.phase == 0).all()), "a call that starts inside a chunk"),
     ]
     reason = next((f"no kernel for {what}" for ok, what in checks if not ok), None)
+    if reason is None and q.is_cuda and not fits_sm90(kernel_key(cfg, d, hidden, q.dtype)):
+        reason = "no kernel for these sizes within a GPU block's shared memory"
     if reason is None and not available(kernel_key(cfg, d, hidden, q.dtype)):
         reason = "no generated source for this kernel (load a `nestc compile -o` directory, or nestc.codegen.install())"
     return reason
