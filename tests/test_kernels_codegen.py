@@ -23,7 +23,7 @@ from nestc_runtime.kernels.key import MatrixKernelKey, MLPKernelKey
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "kernels"
 SNAPSHOT_KEYS = [
     "matrix-l2-gd-after-online-c1-bt64-dk64-dv64-fp32",  # DeltaNet
-    "matrix-l2-gd-before-online-c1-bt64-dk128-dv128-bf16",  # Gated DeltaNet, bf16
+    "matrix-l2-gd-before-online-c1-bt32-dk128-dv128-bf16",  # Gated DeltaNet, bf16, head dim 128 (block 32)
     "matrix-dot-gd-after-online-c1-bt64-dk64-dv64-fp32",  # linear attention
     "matrix-l2-gd-after-boundary-c16-bt16-dk32-dv32-fp32",  # a chunked (Titans-style) matrix memory
     "matrix-l2-dgd-after-before-c1-bt64-dk64-dv64-fp32",  # DGD
