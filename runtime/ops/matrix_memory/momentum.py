@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..mlp_memory.chunked import _block_major, _masked, _Pre, _prepare, _schedule, _where_rows
+from ..mlp_memory.chunked import GROUP_TOKENS, _block_major, _masked, _Pre, _prepare, _schedule, _where_rows
 from ..mlp_memory.state import MLPMemoryConfig
 from .state import (
     MatrixMemoryConfig,
@@ -129,31 +129,34 @@ def chunked_momentum(
     qb, kb, vb, lrb, lab, lbb = (_block_major(x, blocks, chunk) for x in (q, k, v, lr, log_a, log_b))
     shape = MLPMemoryConfig(read=cfg.read, optimizer="momentum_gd")  # what ``_prepare`` reads of the level
 
-    def prepare(rows: slice, active: Tensor) -> _Pre:
-        act = active[rows]
-        lr_s, la_s, lb_s = (_masked(act, x[rows]) for x in (lrb, lab, lbb))
-        return _prepare(qb[rows], kb[rows], vb[rows], lr_s, la_s, lb_s, act, shape)
+    group = max(1, GROUP_TOKENS // chunk)
+    grouped = [x.split(group * batch) for x in (qb, kb, vb, lrb, lab, lbb)]  # one split: see _Pre.blocks
+
+    def prepare(index: int, active: Tensor) -> list[_Pre]:
+        act = active.split(group * batch)[index]
+        qg, kg, vg, lrg, lag, lbg = (x[index] for x in grouped)
+        pre = _prepare(qg, kg, vg, _masked(act, lrg), _masked(act, lag), _masked(act, lbg), act, shape)
+        return pre.blocks(batch)
 
     Ss = torch.cat([carry.S, carry.momentum], -1)
     P = carry.P
-    group = max(1, 128 // chunk)
     outputs = []
     for g0 in range(0, blocks, group):
         g1 = min(blocks, g0 + group)
         rows = slice(g0 * batch, g1 * batch)
-        pre_b = prepare(rows, plan.stage_b)
-        pre_a = prepare(rows, plan.stage_a) if any(has_a[g0:g1]) else None
+        pre_b = prepare(g0 // group, plan.stage_b)
+        pre_a = prepare(g0 // group, plan.stage_a) if any(has_a[g0:g1]) else None
         for n in range(g0, g1):
             mine = slice((n - g0) * batch, (n - g0 + 1) * batch)
             out = None if full_b[n] else q.new_zeros(batch, q.shape[1], chunk, v.shape[-1])
             if has_a[n] and pre_a is not None and out is not None:
-                out_a, Ss = _step(Ss, P, pre_a.rows(mine), cfg, stop_delta)
+                out_a, Ss = _step(Ss, P, pre_a[n - g0], cfg, stop_delta)
                 out = torch.where(plan.stage_a[rows][mine][:, None, :, None], out_a, out)
             if any_open[n]:
                 if plan.cut is not None and cut_any[n]:
                     Ss, P = _where_rows(plan.cut[n], (Ss.detach(), P.detach()), (Ss, P))
                 P = Ss[..., :d] if all_open[n] else _where_rows(plan.opens[n], (Ss[..., :d],), (P,))[0]
-                out_b, Ss = _step(Ss, P, pre_b.rows(mine), cfg, stop_delta)
+                out_b, Ss = _step(Ss, P, pre_b[n - g0], cfg, stop_delta)
                 out = out_b if out is None else torch.where(plan.stage_b[rows][mine][:, None, :, None], out_b, out)
             assert out is not None
             outputs.append(out)

@@ -275,13 +275,17 @@ class _Pre:
     read_plain: Tensor | None = None
     end_plain: Tensor | None = None
 
-    def rows(self, index: slice) -> _Pre:
-        sliced: dict[str, Any] = {f.name: _rows(getattr(self, f.name), index) for f in fields(self)}
-        return replace(self, **sliced)
+    def blocks(self, batch: int) -> list[_Pre]:
+        """The blocks' views, one ``split`` per field: its backward is one concatenation, where slicing each
+        block out would fill a zero gradient of the whole group per block."""
+        parts = {f.name: _split(getattr(self, f.name), batch) for f in fields(self)}
+        count = len(self.q) // batch
+        views: list[dict[str, Any]] = [{n: None if x is None else x[i] for n, x in parts.items()} for i in range(count)]
+        return [replace(self, **fields_of_block) for fields_of_block in views]
 
 
-def _rows(x: Tensor | None, index: slice) -> Tensor | None:
-    return None if x is None else x[index]
+def _split(x: Tensor | None, size: int) -> tuple[Tensor, ...] | None:
+    return None if x is None else x.split(size)
 
 
 def _prepare(
@@ -571,35 +575,33 @@ def chunked(
     lab = _block_major(safe_log(retain), blocks, chunk)
     lbb = _block_major(safe_log(momentum), blocks, chunk) if use_momentum and momentum is not None else None
 
-    def prepare(rows: slice, active: Tensor) -> _Pre:
-        act = active[rows]
-        return _prepare(
-            qb[rows],
-            kb[rows],
-            vb[rows],
-            _masked(act, lrb[rows]),
-            _masked(act, lab[rows]),
-            None if lbb is None else _masked(act, lbb[rows]),
-            act,
-            cfg,
-        )
+    group = max(1, GROUP_TOKENS // chunk)
+    # Groups as views from one split per input (one concatenation in the backward, as for the blocks).
+    grouped = [None if x is None else x.split(group * batch) for x in (qb, kb, vb, lrb, lab, lbb)]
+
+    def prepare(index: int, active: Tensor) -> list[_Pre]:
+        act = active.split(group * batch)[index]
+        qg, kg, vg, lrg, lag, lbg = (None if x is None else x[index] for x in grouped)
+        assert qg is not None and kg is not None and vg is not None and lrg is not None and lag is not None
+        masked_b = None if lbg is None else _masked(act, lbg)
+        pre = _prepare(qg, kg, vg, _masked(act, lrg), _masked(act, lag), masked_b, act, cfg)
+        return pre.blocks(batch)
 
     step = _step_fn(cfg)
     W1, W2, P1, P2, M1, M2 = carry.tensors()
     W1s = _stack(W1, M1 if use_momentum else None, 2)
     W2s = _stack(W2, M2 if use_momentum else None, 3)
-    group = max(1, GROUP_TOKENS // chunk)
     outputs = []
     for g0 in range(0, blocks, group):
         g1 = min(blocks, g0 + group)
         rows = slice(g0 * batch, g1 * batch)
-        pre_b = prepare(rows, plan.stage_b)
-        pre_a = prepare(rows, plan.stage_a) if any(has_a[g0:g1]) else None
+        pre_b = prepare(g0 // group, plan.stage_b)
+        pre_a = prepare(g0 // group, plan.stage_a) if any(has_a[g0:g1]) else None
         for n in range(g0, g1):
             mine = slice((n - g0) * batch, (n - g0 + 1) * batch)
             out = q.new_zeros(batch, q.shape[1], chunk, d) if not full_b[n] else None
             if has_a[n] and pre_a is not None and out is not None:
-                out_a, W1s, W2s = step(W1s, W2s, P1, P2, pre_a.rows(mine), cfg, stop_delta)
+                out_a, W1s, W2s = step(W1s, W2s, P1, P2, pre_a[n - g0], cfg, stop_delta)
                 out = torch.where(plan.stage_a[rows][mine][:, None, :, None], out_a, out)
             if any_open[n]:
                 if plan.cut is not None and cut_any[n]:
@@ -608,7 +610,7 @@ def chunked(
                     P1, P2 = W1s[:, :, :d], W2s[..., :d]
                 else:
                     P1, P2 = _where_rows(plan.opens[n], (W1s[:, :, :d], W2s[..., :d]), (P1, P2))
-                out_b, W1s, W2s = step(W1s, W2s, P1, P2, pre_b.rows(mine), cfg, stop_delta)
+                out_b, W1s, W2s = step(W1s, W2s, P1, P2, pre_b[n - g0], cfg, stop_delta)
                 out = out_b if out is None else torch.where(plan.stage_b[rows][mine][:, None, :, None], out_b, out)
             assert out is not None
             outputs.append(out)
