@@ -354,3 +354,22 @@ def test_dgd_both_compiles_and_runs(tmp_path: Path) -> None:
         assert (a is None) == (b is None)
         if a is not None and b is not None:
             assert_close(a, b)
+
+
+def test_compile_failure_falls_back_to_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With compiling asked for but failing at the first call (no compiler), the eager step runs instead."""
+    module = importlib.import_module("nestc_runtime.ops.mlp_memory.chunked")
+    calls: list[int] = []
+
+    def broken_compile(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def compiled(*args: object) -> None:
+            calls.append(1)
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(module.torch, "compile", broken_compile)
+    monkeypatch.setattr(module, "_COMPILED", {})
+    monkeypatch.setitem(module._COMPILE, "on", True)
+    _check(make(13, seed=2, per_channel=True), MLPMemoryConfig("l2", 4, "online", optimizer="momentum_gd", norm=True))
+    assert calls == [1]  # tried once, then eager for good

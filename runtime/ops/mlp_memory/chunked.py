@@ -120,10 +120,27 @@ def _step_fn(cfg: MLPMemoryConfig) -> Callable[..., tuple[Tensor, Tensor, Tensor
         return _step
     if cfg not in _COMPILED:
         try:
-            _COMPILED[cfg] = torch.compile(_step, dynamic=False)
-        except Exception:  # no compiler on this machine: the same step, eagerly
+            _COMPILED[cfg] = _guarded(torch.compile(_step, dynamic=False))
+        except Exception:  # torch.compile itself unavailable: the same step, eagerly
             _COMPILED[cfg] = _step
     return _COMPILED[cfg]
+
+
+def _guarded(compiled: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """``compiled``, or the eager step from the first failure on (compiling happens at the first call: no
+    C++ compiler, an unsupported op).  The step is pure, so rerunning it eagerly is exact; an error that is
+    not the compiler's reappears in the eager run."""
+    failed: list[bool] = []
+
+    def run(*args: object) -> tuple[Tensor, Tensor, Tensor]:
+        if not failed:
+            try:
+                return compiled(*args)
+            except Exception:
+                failed.append(True)
+        return _step(*args)  # type: ignore[arg-type]
+
+    return run
 
 
 # ---------------------------------------------------------------- state-independent coefficients
