@@ -279,6 +279,8 @@ def report() -> None:
         print("no results yet")
         return
     order = {name: i for i, name in enumerate(MODELS)}
+    records = [r for tasks in found.values() for runs in tasks.values() for r in runs]
+    rates = ", ".join(sorted({str(r.get("lr") or "the spec's") for r in records}))
     keys = sorted(found, key=lambda key: (key[1], order.get(key[0], 99)))
     lines = [
         "# Transformer vs Titans (LMM) vs HOPE",
@@ -286,6 +288,10 @@ def report() -> None:
         "Written by `bench/compare.py --report` from `bench/results/compare/*.json`: mean ± sample std over the",
         "seeds that finished (n). Text runs (ppl, memorize) train on the Python standard library's sources, the",
         "held-out tail kept apart; mqar runs train on `--task mqar`. Tokens are per training run.",
+        f"Shapes: text batch {REGIMES['text'].batch} x {REGIMES['text'].seq_len}, mqar batch {REGIMES['mqar'].batch} x "
+        f"{REGIMES['mqar'].seq_len}; warm-up 10% of the steps (at most 100), then cosine; learning rate "
+        f"{rates}.",
+        "Chance: MQAR answers are one of 26 letters (0.038); a model that does not recall in context sits there.",
         "",
         "| model | params | tokens/run | " + " | ".join(HEADLINES[t][1] for t in TASKS) + " |",
         "|---|---|---|" + "---|" * len(TASKS),
@@ -324,6 +330,9 @@ def plot(found: dict[tuple[str, int], dict[str, list[dict]]], tokens: int) -> No
                 stds.append(std)
                 shades.append(colors[model])
         axis.bar(names, means, yerr=stds, capsize=4, color=shades)
+        if task == "mqar":
+            axis.axhline(1 / 26, color="grey", linestyle="--", linewidth=1, label="chance (1/26)")
+            axis.legend(fontsize=7)
         axis.set_title(title, fontsize=9)
     fig.suptitle(f"{tokens:,} training tokens per run", fontsize=10)
     fig.tight_layout()
