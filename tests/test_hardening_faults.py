@@ -171,3 +171,44 @@ def test_huber_clips_the_inner_gradient_and_contains_the_explosion(tmp_path: Pat
         model(window_with_mark(row=2, token=11)[:, :-1])
     peak = watch.peak()
     assert peak is not None and peak[1] < 1e3
+
+
+# ---- distributed runs: every process skips the update together -------------------------------------------------
+
+
+def _agree_worker(rank: int, world: int, port: int, results: object) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results[rank] = (faults.agree(True), faults.agree(rank != 1))  # type: ignore[index]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_processes_agree_when_one_of_them_diverges() -> None:
+    """A process whose step diverged skips its backward; DDP would leave the others waiting in all-reduce unless
+    they skip too: `agree` is False everywhere as soon as one process is unhealthy."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_agree_worker, args=(2, port, results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+def test_a_healthy_process_stops_when_another_diverged(spec: Path) -> None:
+    model = model_of(spec)
+    window = window_with_mark(0, 2)
+    with faults.watching(model) as watch:
+        loss = float(next_token_loss(model(window[:, :-1]), window, 256).detach())
+    watch.everywhere = False  # what `agree` reports when another process diverged
+    fault = faults.check_step(model, window[:, :-1], loss, watch, step=3, limit=1e6)
+    assert fault is not None and fault.kind == "elsewhere"
+    assert fault.message() == "another process of this run diverged at step 3 (its own error names the level)"

@@ -29,7 +29,7 @@ class Fault:
     outside the levels, or the loss itself, diverged)."""
 
     step: int
-    kind: str  # "NaN", "infinite" or "exploding"
+    kind: str  # "NaN", "infinite", "exploding", or "elsewhere" (another process of a distributed run)
     level: str | None = None
     token: int | None = None
     row: int | None = None
@@ -37,6 +37,8 @@ class Fault:
     size: float | None = None  # the largest |read| seen, for an exploding level
 
     def message(self) -> str:
+        if self.kind == "elsewhere":
+            return f"another process of this run diverged at step {self.step} (its own error names the level)"
         part = "its read: the inner updates diverged" if self.part == "read" else f"its {self.part}"
         where = f"level `{self.level}`" + (
             f" at token {self.token} of sequence {self.row}" if self.token is not None else ""
@@ -60,6 +62,7 @@ class ReadWatch:
 
     def __init__(self) -> None:
         self.peaks: dict[str, Tensor] = {}
+        self.everywhere = True  # every process of a distributed run was healthy (set by the step)
 
     def __call__(self, instance: str, read: Tensor) -> None:
         size = read.detach().abs().amax() if read.numel() else read.new_zeros(())
@@ -95,6 +98,19 @@ def watching(model: nn.Module) -> Iterator[ReadWatch]:
             level.watch = None
 
 
+def agree(healthy: bool) -> bool:
+    """Whether every process of a distributed run is healthy (just `healthy` in a single process). All of them
+    must skip the update together: one that skipped its backward would leave the others waiting in DDP's
+    all-reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return healthy
+    flag = torch.tensor([0.0 if healthy else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() == 0.0)
+
+
 def check_step(
     model: nn.Module, inputs: Tensor, loss: float, watch: ReadWatch, step: int, limit: float
 ) -> Fault | None:
@@ -102,7 +118,7 @@ def check_step(
     peak = watch.peak()
     exploding = limit > 0 and peak is not None and peak[1] > limit
     if math.isfinite(loss) and not exploding:
-        return None
+        return None if watch.everywhere else Fault(step, "elsewhere")
     kind = "NaN" if math.isnan(loss) else "infinite" if math.isinf(loss) else "exploding"
     found = locate(model, inputs, limit if limit > 0 else math.inf)
     if found is None:

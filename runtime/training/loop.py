@@ -269,7 +269,10 @@ def _train_step(
     read past `settings.max_read`, skips the update (the caller stops the run)."""
     loss = next_token_loss(model(window[:, :-1]), window, eod)
     value = float(loss.item())
-    if not math.isfinite(value) or (watch is not None and not watch.within(settings.max_read)):
+    healthy = math.isfinite(value) and (watch is None or watch.within(settings.max_read))
+    if watch is not None:
+        healthy = watch.everywhere = faults.agree(healthy)  # processes of a distributed run skip together
+    if not healthy:
         return value
     for group in optimizers:
         group.optimizer.zero_grad(set_to_none=True)
