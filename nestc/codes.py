@@ -14,7 +14,12 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
     "E013": ("missing statement", "A level or system lacks something it needs (a `model` binding, an `update`)."),
     "E014": ("duplicate statement", "A level states the same thing twice (two `update` statements, say)."),
     "E015": ("bad arguments", "A call has an unknown keyword, a missing argument or the wrong number of them."),
-    "E016": ("bad value", "A value has the wrong type or range (a chunk size must be a positive integer)."),
+    "E016": (
+        "bad value",
+        "A value has the wrong type or range (a chunk size must be a positive integer). Limits that keep a hostile "
+        "spec from exhausting the machine are E016 too: names of at most 64 characters, nesting at most 128 deep, "
+        "at most 1024 copies in `block * n` or values in a level range, constants that fit a 32-bit float.",
+    ),
     "E017": ("unknown parameter", "`--set NAME=V` names no parameter of the system."),
     "E018": ("bad composition", "Something that is not a layer or level is used in the model."),
     # rules of DESIGN §3
@@ -51,7 +56,11 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
         "DGD's factor (αI − η k kᵀ) already applies the retention α to the state; retention cannot also act "
         "before the gradient.",
     ),
-    "E030": ("bad import", "An imported file is missing, is not a fragment, or imports form a cycle."),
+    "E030": (
+        "bad import",
+        "An imported file is missing, is not a fragment, is not a `.nest` file (nothing else is ever read), or "
+        "imports form a cycle.",
+    ),
     "E040": (
         "not supported by the runtime yet",
         "The spec is valid and checks clean, but the runtime cannot run this combination yet; `nestc check` "
