@@ -508,26 +508,30 @@ def _pad_time(mask: Tensor, pad: int) -> Tensor:
     return torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1) if pad else mask
 
 
-def _schedule(phase0: Tensor, done0: Tensor, valid: Tensor, cuts: Tensor | None, blocks: int, chunk: int) -> _Schedule:
-    """The stage masks of every block from the phases (B,) and chunk counts (B,) at the call's start."""
+def _schedule(
+    phase0: Tensor, done0: Tensor, valid: Tensor, cuts: Tensor | None, blocks: int, chunk: int, block: int = 0
+) -> _Schedule:
+    """The stage masks of every block from the phases (B,) and chunk counts (B,) at the call's start.
+    Blocks hold ``block`` ≤ ``chunk`` tokens (default ``chunk``), so each holds at most one chunk start."""
     batch, steps = valid.shape
-    pad = blocks * chunk - steps
-    live = _pad_time(valid, pad).view(batch, blocks, chunk)
+    block = block or chunk
+    pad = blocks * block - steps
+    live = _pad_time(valid, pad).view(batch, blocks, block)
     counts = live.sum(2)
     phase = (phase0[:, None] + counts.cumsum(1) - counts) % chunk  # (B,N) at each block's start
-    first = ((chunk - phase) % chunk)[..., None]  # local index of the (at most one) chunk start
-    local = torch.arange(chunk, device=valid.device)
+    first = ((chunk - phase) % chunk)[..., None]  # local index of the (at most one) chunk start (≥ block: none)
+    local = torch.arange(block, device=valid.device)
     stage_a, stage_b = live & (local < first), live & (local >= first)
     opens = stage_b.any(2)
     cut = None
     if cuts is not None:
-        padded = _pad_time(cuts, pad).view(batch, blocks, chunk)
-        cut = padded.gather(2, first)[..., 0] & opens
+        padded = _pad_time(cuts, pad).view(batch, blocks, block)
+        cut = padded.gather(2, first.clamp(max=block - 1))[..., 0] & opens
         cut = cut.t()
     offset = phase0 + counts.sum(1)
 
     def major(x: Tensor) -> Tensor:
-        return x.transpose(0, 1).reshape(blocks * batch, chunk)
+        return x.transpose(0, 1).reshape(blocks * batch, block)
 
     return _Schedule(major(stage_a), major(stage_b), opens.t(), cut, offset % chunk, done0 + offset // chunk)
 
@@ -579,20 +583,23 @@ def chunked(
         start1, start2 = init_rows(state.init1, batch), init_rows(state.init2, batch)
         stop_delta = (start1 - start1.detach(), start2 - start2.detach())
     cuts = truncation_mask(state.phase, state.chunks_done, cfg, steps) & valid if cfg.grad == "truncate" else None
-    blocks = -(-steps // chunk)
-    plan = _schedule(state.phase, state.chunks_done, valid, cuts, blocks, chunk)
-    has_a = plan.stage_a.view(blocks, batch, chunk).any(2).any(1).tolist()
+    # A call shorter than a chunk runs as one block of its own length (a block needs at most one chunk
+    # start, not C tokens: padding it to C would only add inactive tokens).
+    block = min(chunk, steps)
+    blocks = -(-steps // block)
+    plan = _schedule(state.phase, state.chunks_done, valid, cuts, blocks, chunk, block)
+    has_a = plan.stage_a.view(blocks, batch, block).any(2).any(1).tolist()
     all_open = plan.opens.all(1).tolist()
     any_open = plan.opens.any(1).tolist()
-    full_b = plan.stage_b.view(blocks, batch * chunk).all(1).tolist()
+    full_b = plan.stage_b.view(blocks, batch * block).all(1).tolist()
     cut_any = plan.cut.any(1).tolist() if plan.cut is not None else [False] * blocks
 
     # Inputs block-major (N·B,H,C,·); logs of the rates; padding tokens inactive.
-    qb, kb, vb, lrb = (_block_major(x, blocks, chunk) for x in (q, k, v, lr))
-    lab = _block_major(safe_log(retain), blocks, chunk)
-    lbb = _block_major(safe_log(momentum), blocks, chunk) if use_momentum and momentum is not None else None
+    qb, kb, vb, lrb = (_block_major(x, blocks, block) for x in (q, k, v, lr))
+    lab = _block_major(safe_log(retain), blocks, block)
+    lbb = _block_major(safe_log(momentum), blocks, block) if use_momentum and momentum is not None else None
 
-    group = max(1, GROUP_TOKENS // chunk)
+    group = max(1, GROUP_TOKENS // block)
     # Groups as views from one split per input (one concatenation in the backward, as for the blocks).
     grouped = [None if x is None else x.split(group * batch) for x in (qb, kb, vb, lrb, lab, lbb)]
 
@@ -612,15 +619,15 @@ def chunked(
     for g0 in range(0, blocks, group):
         g1 = min(blocks, g0 + group)
         rows = slice(g0 * batch, g1 * batch)
-        pre_b = prepare(g0 // group, plan.stage_b)
+        pre_b = prepare(g0 // group, plan.stage_b) if any(any_open[g0:g1]) else None
         pre_a = prepare(g0 // group, plan.stage_a) if any(has_a[g0:g1]) else None
         for n in range(g0, g1):
             mine = slice((n - g0) * batch, (n - g0 + 1) * batch)
-            out = q.new_zeros(batch, q.shape[1], chunk, d) if not full_b[n] else None
+            out = q.new_zeros(batch, q.shape[1], block, d) if not full_b[n] else None
             if has_a[n] and pre_a is not None and out is not None:
                 out_a, W1s, W2s = step(W1s, W2s, P1, P2, pre_a[n - g0], cfg, stop_delta)
                 out = torch.where(plan.stage_a[rows][mine][:, None, :, None], out_a, out)
-            if any_open[n]:
+            if any_open[n] and pre_b is not None:
                 if plan.cut is not None and cut_any[n]:
                     W1s, W2s = _where_rows(plan.cut[n], (W1s.detach(), W2s.detach()), (W1s, W2s))
                 if all_open[n]:
