@@ -471,9 +471,17 @@ class CompiledModel(nn.Module):
         """A level with the levels that generate its inputs (self-modifying Titans): every member reads the
         others (and itself) at their boundary states, all before any member updates; then each updates."""
 
+        # Members read the same producer at the same state with the same input (every member's keys are
+        # M_k(x)): each distinct read is computed once per window. The cache holds the input, so its id
+        # cannot be reused while the cache lives.
+        reads: dict[tuple[str, str, int], tuple[Tensor, Tensor]] = {}
+
         def reader(template: str, mode: str, value: Tensor) -> Tensor:
             instance = layer.group[template]
-            return self.levels[instance].read_at(mem[instance], value, mode)
+            key = (instance, mode, id(value))
+            if key not in reads:
+                reads[key] = (value, self.levels[instance].read_at(mem[instance], value, mode))
+            return reads[key][1]
 
         members = [i for i in dict.fromkeys([*layer.group.values(), layer.instance]) if i != layer.instance]
         members.append(layer.instance)  # the layer's own level last: its read is the output
