@@ -42,8 +42,14 @@ class MLPLevel(Level):
 
     def read_at(self, state: LevelState, value: Tensor, mode: str) -> Tensor:
         op: MLPMemoryState = state.op
-        start = (op.phase == 0).view(-1, 1, 1, 1)  # the next token starts a chunk: its boundary is θ now
-        W1, W2 = torch.where(start, op.W1, op.P1), torch.where(start, op.W2, op.P2)
+        start = op.phase == 0  # the next token starts a chunk: its boundary is θ now
+        if bool(start.all()):  # every row at the same kind of boundary: no row merge (and no zero gradients)
+            W1, W2 = op.W1, op.W2
+        elif not bool(start.any()):
+            W1, W2 = op.P1, op.P2
+        else:
+            rows = start.view(-1, 1, 1, 1)
+            W1, W2 = torch.where(rows, op.W1, op.P1), torch.where(rows, op.W2, op.P2)
         x = value.unflatten(-1, (self.plan.heads, -1)).transpose(1, 2)  # (B, H, T, dk)
         return apply_memory(W1, W2, x, self.config).transpose(1, 2).flatten(-2)
 

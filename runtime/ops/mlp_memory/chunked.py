@@ -543,6 +543,8 @@ def _where_rows(rows: Tensor, a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> t
 
 def _masked(active: Tensor, x: Tensor, fill: float = 0.0) -> Tensor:
     """x (R,H,L) or (R,H,L,d) with the tokens outside ``active`` (R,L) set to ``fill``."""
+    if bool(active.all()):  # nothing to mask: no copy, no backward node
+        return x
     mask = active[:, None, :, None] if x.dim() == 4 else active[:, None]
     return torch.where(mask, x, torch.full_like(x, fill))
 
@@ -569,6 +571,7 @@ def chunked(
     if steps == 0:
         return q.new_zeros(q.shape), state
     device, chunk = q.device, cfg.chunk
+    every_token = lengths is None or bool((lengths >= steps).all())
     if lengths is None:
         lengths = torch.full((batch,), steps, dtype=torch.int64, device=device)
     valid = torch.arange(steps, device=device)[None, :] < lengths[:, None]
@@ -647,6 +650,7 @@ def chunked(
     if stop_delta is not None:
         W1, W2 = W1 + stop_delta[0], W2 + stop_delta[1]
         P1, P2 = P1 + stop_delta[0], P2 + stop_delta[1]
-    o = torch.where(valid[:, None, :, None], o, torch.zeros_like(o))
+    if not every_token:
+        o = torch.where(valid[:, None, :, None], o, torch.zeros_like(o))
     new_state = MLPMemoryState(W1, W2, P1, P2, plan.phase, plan.done, state.init1, state.init2, M1, M2)
     return o, new_state
