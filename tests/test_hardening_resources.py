@@ -124,11 +124,15 @@ def test_sizes_beyond_what_pytorch_can_describe_are_refused_even_with_force(
 
 # ---- the estimate against measured peaks -----------------------------------------------------------------------
 
+# The peak is VmHWM of /proc/self/status (in KiB): it belongs to the process's own address space, which exec
+# makes fresh. ru_maxrss would not do: Linux carries it across fork and exec, so a child of a large pytest
+# process reports the parent's peak.
 PEAK = (
-    "import resource, sys\n"
+    "import sys\n"
     "from nestc.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)\n"
+    "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+    "print('PEAK', hwm[0], code)\n"
 )
 
 
@@ -140,8 +144,7 @@ def _peak_bytes(spec: str, d: int, batch: int, seq_len: int, corpus: Path, out: 
     done = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, env=env, check=False)
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("PEAK")]
     assert lines and lines[0][2] == "0", done.stderr[-3000:]
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
-    return int(lines[0][1]) * scale
+    return int(lines[0][1]) * 1024
 
 
 MEASURED = [
