@@ -426,6 +426,7 @@ def train(
         for key in ("first_loss", "last_loss"):
             result[key] = distributed.mean_over_ranks(result[key], env)
     finally:
+        trained = model  # the DDP wrapper goes while the process group still exists (see cleanup)
         distributed.cleanup(env)
     if not env.is_main:
         return

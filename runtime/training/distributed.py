@@ -69,7 +69,13 @@ def setup(environ: dict[str, str] | None = None) -> DistEnv:
 
 
 def cleanup(env: DistEnv) -> None:
+    """Leave the process group. Drop the DDP wrapper first: if its reducer held the group's last reference,
+    the group would be destroyed while Python frees the reducer, holding the GIL, and joining gloo's worker
+    threads deadlocks when one of them waits for the GIL to free a finished collective's tensors (seen as a
+    run that prints its result and never exits). The barrier lets every earlier collective finish and be freed
+    while this thread waits without the GIL."""
     if env.active and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
