@@ -8,6 +8,7 @@ numbers, so a checkpoint (safetensors + JSON) holds it whole and a resumed run c
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ ACCUMULATED = "accumulated"  # the gradient summed since the last update (only w
 CALLS = "calls"  # calls of step() seen by this parameter (only when every > 1)
 
 
-class LevelOptimizer(torch.optim.Optimizer):
+class LevelOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     """Subclasses implement `update(param, grad, state, group)` for one parameter and its own state."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], every: int = 1) -> None:
@@ -43,8 +44,9 @@ class LevelOptimizer(torch.optim.Optimizer):
                     self.update(param, grad, state, group)
         return loss
 
+    @abstractmethod
     def update(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError  # pragma: no cover - every registered kind implements it
+        """Step `param` in place from its gradient `grad` and its own `state`."""
 
     def state_shape(self, param: Tensor, key: str) -> tuple[int, ...] | None:
         """The shape a state tensor `key` of `param` must have (None: the parameter's own shape)."""
