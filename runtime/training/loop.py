@@ -342,7 +342,8 @@ def _snapshot(
         count = sum(len(g["params"]) for g in group.optimizer.param_groups)
         optimizer_meta.append({"name": group.name, "kind": group.kind, "params": count, "scalars": scalars})
     sampler_state = sampler.state_dict()
-    tensors["sampler.generator"] = sampler_state.pop("generator")
+    for key in [key for key, value in sampler_state.items() if isinstance(value, torch.Tensor)]:
+        tensors[f"sampler.{key}"] = sampler_state.pop(key)  # generator states go to safetensors, not JSON
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -461,4 +462,5 @@ def _state_shape(group: GroupOptimizer, index: int, key: str) -> torch.Size:
 def _restore_sampler(sampler: BatchSampler, tensors: dict[str, torch.Tensor], meta: dict, where: str) -> None:
     state = dict(meta.get("sampler", {}))
     state["generator"] = _required(tensors, "sampler.generator", where)
+    state.update({name.removeprefix("sampler."): t for name, t in tensors.items() if name.startswith("sampler.")})
     sampler.load_state_dict(state)
