@@ -46,11 +46,19 @@ class LeafRecord:
         zero for rows without a record or whose chunk has moved on since the read."""
         safe = self.rows.clamp(min=0)
         same = (self.rows >= 0) & (self.chunk.index_select(0, safe) == current_chunk)
+        # The common case, every row reading its own leaf row in the same chunk, needs no copies.
+        direct = self.leaf1.shape[0] == safe.shape[0] and bool(same.all()) and bool((safe == self._arange()).all())
         out = []
         for grad, leaf in zip(grads, (self.leaf1, self.leaf2)):
             g = torch.zeros_like(leaf) if grad is None else grad
-            out.append(torch.where(same.view(-1, 1, 1, 1), g.index_select(0, safe), torch.zeros_like(g[:1])))
+            if direct:
+                out.append(g)
+            else:
+                out.append(torch.where(same.view(-1, 1, 1, 1), g.index_select(0, safe), torch.zeros_like(g[:1])))
         return out[0], out[1]
+
+    def _arange(self) -> Tensor:
+        return torch.arange(self.rows.shape[0], device=self.rows.device)
 
 
 @dataclass
@@ -217,12 +225,19 @@ class TaskLevel(Level):
     def update(self, state: TaskState, rows: Tensor, due: Tensor | None = None) -> TaskState:
         """θ ← α θ − G on `rows` (one optimizer step per chunk), then a fresh chunk gradient. `rows` must
         have been settled (`settle_gradients`) first, so that G holds the whole chunk's gradient."""
+        if not bool(rows.any()):  # most windows end no chunk: nothing to step, nothing to forget
+            return replace(state, due=state.due | due) if due is not None else state
         view = rows.view(-1, 1, 1, 1)
         alpha = self.retain()
-        W1 = torch.where(view, alpha * state.W1 - state.G1, state.W1).detach()
-        W2 = torch.where(view, alpha * state.W2 - state.G2, state.W2).detach()
-        G1 = torch.where(view, torch.zeros_like(state.G1), state.G1)
-        G2 = torch.where(view, torch.zeros_like(state.G2), state.G2)
+        if bool(rows.all()):  # rows of a batch usually end their chunks together: no masked copies
+            W1 = (alpha * state.W1 - state.G1).detach()
+            W2 = (alpha * state.W2 - state.G2).detach()
+            G1, G2 = torch.zeros_like(state.G1), torch.zeros_like(state.G2)
+        else:
+            W1 = torch.where(view, alpha * state.W1 - state.G1, state.W1).detach()
+            W2 = torch.where(view, alpha * state.W2 - state.G2, state.W2).detach()
+            G1 = torch.where(view, torch.zeros_like(state.G1), state.G1)
+            G2 = torch.where(view, torch.zeros_like(state.G2), state.G2)
         done = state.chunks_done + rows.long()
         new_due = (state.due & ~rows) | (due if due is not None else torch.zeros_like(rows))
         # Reads of θ from finished chunks no longer matter once no row is still in them.
