@@ -89,19 +89,29 @@ def ttt_linear(x: Tensor, p: dict[str, Tensor], pre: str, layer: int) -> Tensor:
     return merge(torch.stack(out, 2))
 
 
+def gelu_mlp(W1: Tensor, W2: Tensor, x: Tensor) -> Tensor:
+    """f(x) = x + LN(W1 GELU(W2 x)), GELU in its erf form; W1 (..., d, h), W2 (..., h, d), x (..., d)."""
+    z = (W1 @ F.gelu(W2 @ x[..., None]))[..., 0]
+    return x + layer_norm(z)
+
+
 def ttt_mlp(x: Tensor, p: dict[str, Tensor], pre: str, layer: int) -> Tensor:
-    """TTT-MLP: as TTT-Linear with f(x) = x + LN(W1 σ(W2 x)), σ = SiLU, hidden 4×."""
+    """TTT-MLP: as TTT-Linear with f(x) = x + LN(W1 GELU(W2 x)), hidden 4×."""
     q, k, v = (split(x @ projection(p, pre, r).T) for r in ("query", "key", "value"))
     eta = 0.5 * torch.sigmoid(x @ p[f"{pre}.rates.lr.proj.lr_0.weight"].T).transpose(1, 2)
     W1, W2 = rows(p[f"{pre}.init1"], x.shape[0]), rows(p[f"{pre}.init2"], x.shape[0])
+
+    def loss(a: Tensor, b: Tensor, k_t: Tensor, v_t: Tensor) -> Tensor:
+        return 0.5 * (gelu_mlp(a, b, k_t) - v_t).pow(2).sum()
+
     out = []
     for t in range(x.shape[1]):
         if t % 4 == 0:
             P1, P2 = W1, W2
-        g1, g2 = inner_grad(P1, P2, k[:, :, t], v[:, :, t], norm=True)
+        g1, g2 = torch.func.grad(loss, argnums=(0, 1))(P1, P2, k[:, :, t], v[:, :, t])
         e = eta[:, :, t, None, None]
         W1, W2 = W1 - e * g1, W2 - e * g2
-        out.append(mlp(W1, W2, q[:, :, t], norm=True))
+        out.append(gelu_mlp(W1, W2, q[:, :, t]))
     return merge(torch.stack(out, 2))
 
 

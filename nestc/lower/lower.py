@@ -78,9 +78,6 @@ def _reject_unsupported(system: ir.System, bag: DiagnosticBag) -> None:
         if memory.kind == "mlp" and memory.norm == "rmsnorm":
             what = "an MLP memory with `norm = rmsnorm` (none or layernorm run)"
             _unsupported(bag, what, level.spans.get("memory", where))
-        if memory.kind == "mlp" and memory.depth == 2 and memory.activation != "silu":
-            what = f"an MLP memory with `activation = {memory.activation}` (silu runs)"
-            _unsupported(bag, what, level.spans.get("memory", where))
         windowed = level.objective is not None and (level.objective.window or 1) > 1
         if windowed and level.inner is not None and level.inner.kind == "dgd":
             _unsupported(

@@ -174,7 +174,9 @@ class TaskLevel(Level):
         hidden = int(plan.options.get("expand", 4) * dk)
         self.init2 = nn.Parameter(torch.randn(heads, hidden, dk) / math.sqrt(dk))
         self.init1 = nn.Parameter(torch.randn(heads, dk, hidden) * (0.1 / math.sqrt(hidden)))
-        self.config = MLPMemoryConfig(norm=plan.options.get("norm") == "layernorm")
+        self.config = MLPMemoryConfig(
+            norm=plan.options.get("norm") == "layernorm", activation=plan.options.get("activation", "silu")
+        )
         self.pending: list[TaskRead] | None = None  # set by the scheduler around each window
 
     def initial_op_state(self, batch: int, like: Tensor) -> TaskState:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,18 +61,23 @@ def assert_close(a: Tensor, b: Tensor, tol: float = 1e-10) -> None:
 # ---------------------------------------------------------------- the equations, in plain torch
 
 
-def memory(W1: Tensor, W2: Tensor, x: Tensor, norm: bool) -> Tensor:
-    """x + W1 silu(W2 x) (or x + LN(·)), one vector x (d,)."""
-    y = W1 @ torch.nn.functional.silu(W2 @ x)
+ACTIVATION = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.relu}
+
+
+def memory(W1: Tensor, W2: Tensor, x: Tensor, norm: bool, activation: str = "silu") -> Tensor:
+    """x + W1 σ(W2 x) (or x + LN(·)), one vector x (d,); σ from torch.nn.functional by name."""
+    y = W1 @ ACTIVATION[activation](W2 @ x)
     if norm:
         y = torch.nn.functional.layer_norm(y, (x.shape[0],), eps=1e-5)
     return x + y
 
 
-def grads_at(W1: Tensor, W2: Tensor, k: Tensor, v: Tensor, objective: str, norm: bool) -> tuple[Tensor, Tensor]:
+def grads_at(
+    W1: Tensor, W2: Tensor, k: Tensor, v: Tensor, objective: str, norm: bool, activation: str = "silu"
+) -> tuple[Tensor, Tensor]:
     """∂ℓ/∂W1, ∂ℓ/∂W2 by autograd, ℓ = ½‖M(k) - v‖² or -⟨M(k), v⟩."""
     A, Bm = W1.detach().requires_grad_(), W2.detach().requires_grad_()
-    out = memory(A, Bm, k, norm)
+    out = memory(A, Bm, k, norm, activation)
     loss = 0.5 * (out - v).pow(2).sum() if objective == "l2" else -(out * v).sum()
     g1, g2 = torch.autograd.grad(loss, (A, Bm))
     return g1, g2
@@ -95,7 +101,7 @@ def by_hand(xs: dict[str, Tensor], cfg: MLPMemoryConfig) -> tuple[Tensor, Tensor
             a = retain[b, h, t]
             A_out = torch.diag(a) if a.dim() == 1 else a * torch.eye(D, dtype=F64)  # diag(α), or α I
             eta = lr[b, h, t]
-            g1, g2 = grads_at(P1, P2, k[b, h, t], v[b, h, t], cfg.objective, cfg.norm)
+            g1, g2 = grads_at(P1, P2, k[b, h, t], v[b, h, t], cfg.objective, cfg.norm, cfg.activation)
             before = (W1, W2)
             if cfg.optimizer == "gd":
                 W1, W2 = A_out @ W1 - eta * g1, W2 @ A_out - eta * g2
@@ -106,13 +112,13 @@ def by_hand(xs: dict[str, Tensor], cfg: MLPMemoryConfig) -> tuple[Tensor, Tensor
                 kh = k[b, h, t] / k[b, h, t].norm()
                 W2 = W2 @ (A_out - eta * torch.outer(kh, kh)) - eta * g2
                 if cfg.dgd_both:  # the factor on W1 as well, with its normalised input σ(W2 k) at the chunk start
-                    sh = torch.nn.functional.silu(P2 @ k[b, h, t])
-                    sh = sh / sh.norm()
+                    sh = ACTIVATION[cfg.activation](P2 @ k[b, h, t])
+                    sh = sh / sh.norm().clamp_min(1e-12)  # as F.normalize: a zero σ (ReLU) stays zero
                     W1 = A_out @ W1 - eta * torch.outer(W1 @ sh, sh) - eta * g1
                 else:
                     W1 = A_out @ W1 - eta * g1
             read = {"online": (W1, W2), "before": before, "boundary": (P1, P2)}[cfg.read]
-            out[b, h, t] = memory(*read, q[b, h, t], cfg.norm)
+            out[b, h, t] = memory(*read, q[b, h, t], cfg.norm, cfg.activation)
         W1_end[b, h], W2_end[b, h] = W1, W2
     return out, W1_end, W2_end
 
@@ -177,6 +183,23 @@ def _check(xs: dict[str, Tensor], cfg: MLPMemoryConfig, **kw: object) -> None:
                 assert_close(a, b)
             except AssertionError as exc:
                 raise AssertionError(f"grad {name}, {cfg}: {exc}") from None
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("optimizer", ["gd", "momentum_gd", "dgd both"])
+def test_other_activations_match_equations(activation: str, optimizer: str) -> None:
+    """σ = GELU (erf form) or ReLU: the reference against the written-out equations, and chunked against the
+    reference (its hand-written σ' included) at chunks 1 and 4."""
+    both = optimizer == "dgd both"
+    cfg = MLPMemoryConfig("l2", 4, "online", optimizer=optimizer.split()[0], dgd_both=both, activation=activation)
+    xs = make(9, seed=5)
+    o, state = call(scan, xs, cfg)
+    o_ref, W1, W2 = by_hand(xs, cfg)
+    assert_close(o, o_ref, 1e-11)
+    assert_close(state.W1, W1, 1e-11)
+    assert_close(state.W2, W2, 1e-11)
+    for chunk in (1, 4):
+        _check(make(13, seed=chunk), replace(cfg, chunk=chunk))
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum_gd", "dgd"])

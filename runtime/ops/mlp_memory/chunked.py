@@ -397,7 +397,7 @@ def _step(
     hidden = None if pre.own is None else _dgd_hidden(W1s[:, :, :d], s, delta, pre)
     if pre.qs is None or pre.scores is None or pre.weights is None or pre.gamma is None:  # boundary read
         W1r, W2r = (P1, P2) if stop_delta is None else (P1 + stop_delta[0], P2 + stop_delta[1])
-        p = activation(pre.q @ W2r.transpose(-1, -2))
+        p = activation(pre.q @ W2r.transpose(-1, -2), cfg.activation)
         z = p @ W1r.transpose(-1, -2)
     else:
         a = torch.baddbmm(
@@ -407,7 +407,7 @@ def _step(
             a = a + pre.dgd_scores @ w
         if stop_delta is not None:
             a = a + pre.q @ stop_delta[1].transpose(-1, -2)
-        p = activation(a)
+        p = activation(a, cfg.activation)
         zs = p @ W1s.transpose(-1, -2)  # (B,H,L,m·d): [W1_e p, M1_e p]
         z = pre.gamma * zs[..., :d]
         if pre.carry is not None:

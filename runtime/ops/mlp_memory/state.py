@@ -8,6 +8,7 @@ by the caller (a meta-learned parameter: gradients reach it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ OBJECTIVES = ("dot", "l2", "lp", "huber")
 READS = ("online", "before", "boundary")
 GRADS = ("through", "stop", "truncate")
 OPTIMIZERS = ("gd", "momentum_gd", "dgd", "newton_schulz", "delta_momentum")
-ACTIVATIONS = ("silu",)
+ACTIVATIONS = ("silu", "gelu", "relu")
 
 _MIN_RATE = 1e-30
 
@@ -188,20 +189,30 @@ def safe_log(rate: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the memory and its gradients
 
 
-def activation(a: Tensor) -> Tensor:
-    """σ = SiLU."""
+def activation(a: Tensor, kind: str = "silu") -> Tensor:
+    """σ: SiLU, GELU (the exact, erf form) or ReLU."""
+    if kind == "gelu":
+        return torch.nn.functional.gelu(a)
+    if kind == "relu":
+        return torch.relu(a)
     return a * torch.sigmoid(a)
 
 
-def activation_grad(a: Tensor) -> Tensor:
-    """σ'(a) for SiLU: s(a) (1 + a (1 - s(a))), s the logistic function."""
+def activation_grad(a: Tensor, kind: str = "silu") -> Tensor:
+    """σ'(a), written out because the chunked forms differentiate by hand: SiLU s(a) (1 + a (1 − s(a))) with s
+    the logistic function; GELU Φ(a) + a φ(a) with Φ, φ the standard normal cdf and density; ReLU 1[a > 0]."""
+    if kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(a * (1 / math.sqrt(2))))
+        return cdf + a * torch.exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+    if kind == "relu":
+        return (a > 0).to(a.dtype)
     sig = torch.sigmoid(a)
     return sig * (1 + a * (1 - sig))
 
 
 def apply_memory(W1: Tensor, W2: Tensor, x: Tensor, cfg: MLPMemoryConfig) -> Tensor:
     """M_θ(x) for x (B,H,L,d) and θ = (W1 (B,H,d,h), W2 (B,H,h,d)) -> (B,H,L,d)."""
-    hidden = activation(x @ W2.transpose(-1, -2))
+    hidden = activation(x @ W2.transpose(-1, -2), cfg.activation)
     z = hidden @ W1.transpose(-1, -2)
     return x + (layer_norm(z, cfg.ln_eps)[0] if cfg.norm else z)
 
@@ -221,7 +232,7 @@ def token_gradients(
     (r for "l2"), δ = e (or LN's backward of e), u = (W1ᵀ δ) ⊙ σ'(a).
     """
     a = k @ P2.transpose(-1, -2)
-    s = activation(a)
+    s = activation(a, cfg.activation)
     z = s @ P1.transpose(-1, -2)
     if cfg.norm:
         n, r = layer_norm(z, cfg.ln_eps)
@@ -230,5 +241,5 @@ def token_gradients(
         y = z
     e = -v if cfg.objective == "dot" else objective_residual(k + y - v, cfg.objective, cfg.p, cfg.delta)
     delta = layer_norm_backward(e, n, r) if cfg.norm else e
-    u = (delta @ P1) * activation_grad(a)
+    u = (delta @ P1) * activation_grad(a, cfg.activation)
     return delta, s, u
