@@ -141,8 +141,8 @@ def run_pair(model: Model, regime: Regime, seed: int, args: argparse.Namespace, 
         train_seconds = time.perf_counter() - started
     for task in missing:
         command = ["eval", model.spec, "--ckpt", str(folder), "--task", task, "--seed", "0", *sets, "--format", "json"]
-        if task == "ppl":
-            command += ["--data", str(corpus[1])]
+        if task == "ppl":  # scored at the training length, where a Transformer's positions are in distribution
+            command += ["--data", str(corpus[1]), "--context", str(regime.seq_len)]
         done = nestc(*command, threads=args.threads)
         if done.returncode != 0:
             raise SystemExit(f"eval failed: {' '.join(command)}\n{done.stderr}")
@@ -287,7 +287,9 @@ def report() -> None:
         "",
         "Written by `bench/compare.py --report` from `bench/results/compare/*.json`: mean ± sample std over the",
         "seeds that finished (n). Text runs (ppl, memorize) train on the Python standard library's sources, the",
-        "held-out tail kept apart; mqar runs train on `--task mqar`. Tokens are per training run.",
+        "held-out tail kept apart (its first 4,096 bytes scored in pieces of the training length, 256, each from a",
+        "fresh state: `nestc eval --context`); mqar runs train on `--task mqar` (rows with aligned documents).",
+        "Tokens are per training run.",
         f"Shapes: text batch {REGIMES['text'].batch} x {REGIMES['text'].seq_len}, mqar batch {REGIMES['mqar'].batch} x "
         f"{REGIMES['mqar'].seq_len}; warm-up 10% of the steps (at most 100), then cosine; learning rate "
         f"{rates}.",

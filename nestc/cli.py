@@ -446,6 +446,13 @@ def train(
 @click.option("--ckpt", required=True, help="A ckpt-* folder, or a run folder (its newest checkpoint).")
 @click.option("--task", type=click.Choice(EVAL_TASKS), required=True)
 @click.option("--data", type=click.Path(exists=True, dir_okay=True), default=None, help="Held-out text (ppl).")
+@click.option(
+    "--context",
+    type=click.IntRange(min=2),
+    default=None,
+    help="ppl: score the text in separate pieces of N tokens, each from a fresh state (e.g. the training "
+    "length); default: one stream.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated evaluation set.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
@@ -457,6 +464,7 @@ def eval_cmd(
     ckpt: str,
     task: str,
     data: str | None,
+    context: int | None,
     seed: int,
     out: str | None,
     sets: tuple[str, ...],
@@ -477,13 +485,15 @@ def eval_cmd(
         raise UsageProblem(f"--out {out}: no such folder {str(Path(out).parent)!r}")
     if task == "ppl" and data is None:
         raise UsageProblem("--task ppl needs --data FILE (held-out text)")
+    if task != "ppl" and context is not None:
+        raise UsageProblem(f"--context applies to --task ppl, not {task}")
     tokenizer = _checkpoint_tokenizer(ckpt)
     if task != "ppl" and tokenizer.name != "byte":
         raise UsageProblem(f"--task {task} is byte-level; this checkpoint's tokenizer is {tokenizer.name} (ppl only)")
     explicit_vocab = "vocab" in _parse_sets(sets)[0]
     compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, explicit_vocab)
     model, where = _load_trained(compilation, ckpt, backend, EVAL_TOKENS, force)
-    chosen = get_task(task, path=data, tokenizer=tokenizer) if task == "ppl" else get_task(task)
+    chosen = get_task(task, path=data, tokenizer=tokenizer, context=context) if task == "ppl" else get_task(task)
     result = evaluate(model_predictor(model), chosen, seed=seed, vocab=model.plan.vocab)
     result.update(spec=compilation.path, checkpoint=str(where))
     if out is not None:

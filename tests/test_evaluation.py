@@ -147,6 +147,24 @@ def test_eval_each_task_end_to_end(
     assert result["checkpoint"].endswith("ckpt-00000002")
 
 
+def test_ppl_context_scores_separate_pieces(
+    run_dir: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--context N` cuts the held-out text into pieces of N tokens, each scored from a fresh state (the
+    first token of a piece has no context and is not scored)."""
+    whole = get_task("ppl", path=text_file).examples(torch.Generator())
+    pieces = get_task("ppl", path=text_file, context=16).examples(torch.Generator())
+    assert len(whole) == 1 and len(pieces) == -(-(len(whole[0].tokens) - 1) // 16)
+    assert [t for piece in pieces for t in piece.tokens] == whole[0].tokens
+    assert all(2 <= len(piece.tokens) <= 16 for piece in pieces)
+    out = tmp_path / "ppl.json"
+    base = ["eval", SPEC, *TINY, "--ckpt", str(run_dir), "--task", "ppl", "--data", str(text_file)]
+    assert main([*base, "--context", "16", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["tokens"] == sum(len(p.spans["text"]) for p in pieces)
+    assert main(["eval", SPEC, *TINY, "--ckpt", str(run_dir), "--task", "mqar", "--context", "16"]) == 2
+    assert "--context applies to --task ppl" in capsys.readouterr().err
+
+
 def test_eval_json_format_and_ckpt_folder(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = resolve_checkpoint(run_dir)
     assert main(["eval", SPEC, *TINY, "--ckpt", str(ckpt), "--task", "mqar", "--format", "json"]) == 0

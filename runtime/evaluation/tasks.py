@@ -276,7 +276,12 @@ class Memorize(Task):
 
 
 class Perplexity(Task):
-    """Held-out text from a file, streamed through the model in windows of `window` tokens with its state."""
+    """Held-out text from a file, streamed through the model in windows of `window` tokens with its state.
+
+    With `context`, the text is cut into pieces of `context` tokens scored separately, each from a fresh
+    state: a model trained on sequences of that length is then scored at the length it knows (a Transformer's
+    positions past its training length are out of distribution; a recurrent memory's are not).
+    """
 
     name = "ppl"
     description = "perplexity of held-out text (bits per byte, next-byte accuracy)"
@@ -287,11 +292,13 @@ class Perplexity(Task):
         max_tokens: int = 4096,
         window: int = 256,
         tokenizer: Any = None,
+        context: int | None = None,
     ) -> None:
         self.path = path
         self.max_tokens = max_tokens
         self.window = window
         self.tokenizer = tokenizer  # None: bytes (training.tokenizers names the others)
+        self.context = context
 
     def text(self) -> list[int]:
         if self.path is None:
@@ -299,13 +306,17 @@ class Perplexity(Task):
         return load_corpus(self.path, tokenizer=self.tokenizer)[: self.max_tokens].tolist()
 
     def examples(self, gen: torch.Generator) -> list[Example]:
-        tokens = self.text()
+        text = self.text()
+        size = self.context or len(text)
+        return [self._example(text[start : start + size]) for start in range(0, len(text) - 1, size)]
+
+    def _example(self, tokens: list[int]) -> Example:
         eod = EOD if self.tokenizer is None else self.tokenizer.eod
         scored = [p for p in range(1, len(tokens)) if tokens[p - 1] != eod]
         group: dict[str, Any] = {"file": str(self.path)}
         if self.tokenizer is not None:  # bits per byte divide by the bytes the scored tokens stand for
             group["bytes"] = self.tokenizer.byte_length(tokens[p] for p in scored)
-        return [Example(tokens, {"text": scored}, group)]
+        return Example(tokens, {"text": scored}, group)
 
     def training_example(self, gen: torch.Generator, budget: int, sizes: torch.Generator) -> Example:
         raise RuntimeInputError("train on text with --data FILE, not --task ppl")
