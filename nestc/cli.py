@@ -108,12 +108,17 @@ def _compile(
     fmt: str,
     seq_len: int | None = None,
     base_params: dict[str, ParamValue] | None = None,
+    run_settings: bool = False,
 ) -> tuple[Compilation, dict[str, str]]:
-    """Compile SPEC with its parameters from `base_params` (a config file, a tokenizer's vocab), then --set."""
+    """Compile SPEC with its parameters from `base_params` (a config file, a tokenizer's vocab), then --set.
+    Dotted `--set` names are run settings, which only `train` (`run_settings`) takes."""
     from .codegen import install
 
     install()  # a model built from this compilation asks the compiler for its Triton kernels
     params, settings = _parse_sets(sets)
+    if settings and not run_settings:
+        name = next(iter(settings))
+        raise UsageProblem(f"--set {name}=...: run settings (train.*, optim.*) apply to `nestc train` only")
     compilation = front_end(spec, {**(base_params or {}), **params}, seq_len)
     if compilation.warnings and fmt == "text":
         _print_diagnostics(compilation.warnings, compilation.sources, fmt)
@@ -621,7 +626,9 @@ def _resolve_train(
     if config.params:
         check_spec_params(config, _declared_params(spec))
     tokenizer = _tokenizer(settings.tokenizer)
-    compilation = _compile_for_tokenizer(spec, sets, config.params, tokenizer, explicit_vocab="vocab" in set_params)
+    compilation = _compile_for_tokenizer(
+        spec, sets, config.params, tokenizer, explicit_vocab="vocab" in set_params, run_settings=True
+    )
     return compilation, settings, tokenizer
 
 
@@ -645,13 +652,18 @@ def _tokenizer(name: str) -> Any:
 
 
 def _compile_for_tokenizer(
-    spec: str, sets: Sequence[str], params: dict[str, ParamValue], tokenizer: Any, explicit_vocab: bool
+    spec: str,
+    sets: Sequence[str],
+    params: dict[str, ParamValue],
+    tokenizer: Any,
+    explicit_vocab: bool,
+    run_settings: bool = False,
 ) -> Compilation:
     """Compile with the spec's `vocab` parameter set to the tokenizer's vocabulary unless given explicitly."""
     base = dict(params)
     if tokenizer.name != "byte" and not explicit_vocab and "vocab" not in base:
         base["vocab"] = float(tokenizer.vocab_size)
-    compilation, _ = _compile(spec, sets, "text", base_params=base)
+    compilation, _ = _compile(spec, sets, "text", base_params=base, run_settings=run_settings)
     vocab = compilation.system.params.get("vocab")
     if vocab is not None and vocab != tokenizer.vocab_size:
         raise UsageProblem(

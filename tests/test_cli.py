@@ -116,3 +116,13 @@ def test_every_printing_command_speaks_json(capsys: pytest.CaptureFixture[str], 
         code, out, _ = run(capsys, *command, "--format", "json")
         assert code == 0
         json.loads(out)
+
+
+@pytest.mark.parametrize("command", ["check", "show", "compile"])
+def test_run_settings_outside_train_are_a_usage_error(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--set optim.lr=...` means something to `train` only; elsewhere it was silently ignored."""
+    extra = ["-o", str(tmp_path / "out")] if command == "compile" else []
+    assert main([command, str(SPEC), "--set", "optim.lr=0.1", *extra]) == 2
+    assert "apply to `nestc train` only" in capsys.readouterr().err
