@@ -20,6 +20,7 @@ ROLES: tuple[ir.Role, ...] = ("queries", "keys", "values", "targets")
 IN_CONTEXT_ONLY = {"memory", "queries", "keys", "values", "targets", "objective", "decay", "read", "outer gradient"}
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: expression constants must fit the runtime's dtype
 MAX_REPEAT = 1024  # `block * n` copies; instance names carry at most 4 index digits
+MAX_NS_STEPS = 100  # Newton–Schulz iterations: 5 is usual, and every one is a matmul chain per token
 # A fragment loader: (path as written, span of the import) -> the fragment's AST, or None after an error.
 FragmentLoader = Callable[[str, Span], "ast.System | None"]
 ParamValue = float | int | str | list[float | int]
@@ -343,6 +344,8 @@ class Elaborator:
             return None
         args = self._arguments(call, cat.OUTER_OPTIMIZERS[call.fn.id])
         hyper = {k: float(v) for k, v in args.items() if isinstance(v, (int, float))}
+        if "steps" in hyper and self._ns_steps(hyper["steps"], call) is None:  # muon, m3
+            return None
         return ir.OuterOptimizer(kind=call.fn.id, hyper=hyper)  # type: ignore[arg-type]
 
     # ---- in-context levels
@@ -544,6 +547,14 @@ class Elaborator:
                     return value.id
         return None
 
+    def _ns_steps(self, value: float | None, call: ast.Call) -> int | None:
+        """`steps` of `newton_schulz`: a positive integer, at most MAX_NS_STEPS (a spec must not hang the run)."""
+        steps = None if value is None else self._int_arg(value, "steps", call)
+        if steps is not None and steps > MAX_NS_STEPS:
+            self.bag.error("E016", f"`steps = {steps}` Newton–Schulz iterations", call.span, f"at most {MAX_NS_STEPS}")
+            return None
+        return steps
+
     def _int_arg(self, value: Any, key: str, call: ast.Call) -> int | None:
         if not float(value).is_integer() or value < 1:
             self.bag.error("E016", f"`{key}` must be a positive integer, not {value}", call.span)
@@ -695,7 +706,7 @@ class Elaborator:
             self.bag.error(
                 "E026", "a task-objective level steps once per chunk with `gd`", call.fn.span, "use `gd(lr = ...)`"
             )
-        steps = numbers.get("steps")
+        steps = self._ns_steps(numbers.get("steps"), call)
         return ir.InnerOptimizer(
             kind=kind,  # type: ignore[arg-type]
             lr=rates["lr"],
