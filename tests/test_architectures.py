@@ -110,6 +110,25 @@ def causal_conv(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+class StepConv:
+    """`causal_conv` one token at a time: y_t[c] = Σ_j w[c, j] x_{t−j}[c] + b[c], zeros before the start."""
+
+    def __init__(self, w: Tensor, b: Tensor) -> None:
+        self.w, self.b = w, b
+        self.past: list[Tensor] = []  # past[j] = x_{t−j}
+
+    def __call__(self, x_t: Tensor) -> Tensor:
+        self.past = [x_t, *self.past][: self.w.shape[1]]
+        return self.b + sum(self.w[:, j] * x for j, x in enumerate(self.past))
+
+
+def step_conv(p: dict[str, Tensor], pre: str, role: str) -> StepConv:
+    """The one convolution in the `role` expression of the level at `pre`."""
+    found = [n[: -len(".weight")] for n in p if n.startswith(f"{pre}.exprs.{role}.convs.") and n.endswith(".weight")]
+    assert len(found) == 1, (pre, role, found)
+    return StepConv(p[f"{found[0]}.weight"], p[f"{found[0]}.bias"])
+
+
 def softmax_attention(
     q: Tensor, k: Tensor, v: Tensor, window: int | None = None, persistent: tuple[Tensor, Tensor] | None = None
 ) -> Tensor:
@@ -263,11 +282,13 @@ def attention(x: Tensor, p: dict[str, Tensor], pre: str) -> Tensor:
 
 class SelfModifying:
     """Self-modifying Titans (NL Eq. 83–94), one token at a time, written out: five residual MLP memories
-    M(x) = x + W1 σ(W2 x) per head. At token t (each memory's chunk restarting every C_□ tokens):
-      k_t = l2norm(M_k,b(x_t)), v_t = M_v,b(x_t), η_t = η_max σ(mean M_η,b(x_t)), α_t = σ(mean M_α,b(x_t))
-    with M_□,b at its own chunk-start state; q_t = l2norm(x_t W_q); o_t = M_memory,t−1(q_t) (read before);
-    then every memory takes a DGD step on v̂_□,t = l2norm(M_□,b(v_t)), with g_t at its chunk-start state:
-      W2 ← W2 (α_t I − η_t k_t k_tᵀ) − η_t ∂ℓ/∂W2,  W1 ← α_t W1 − η_t ∂ℓ/∂W1,  ℓ = ½‖M_□(k_t) − v̂_□,t‖²."""
+    M(x) = x + W1 σ(W2 x) per head. At token t (each memory's chunk restarting every C_□ tokens), with
+    conv_□ a depthwise causal conv(4) of level □'s own (StepConv) over the generated sequence:
+      k_□,t = l2norm(conv_□(M_k,b(x))_t), v_□,t = conv_□(M_v,b(x))_t, η_t = η_max σ(mean M_η,b(x_t)),
+      α_t = σ(mean M_α,b(x_t))
+    with M_□,b at its own chunk-start state; q_t = l2norm(conv(x W_q)_t); o_t = M_memory,t−1(q_t) (read
+    before); then every memory takes a DGD step on v̂_□,t = l2norm(M_□,b(v_□,t)), g_t at its chunk start:
+      W2 ← W2 (α_t I − η_t k kᵀ) − η_t ∂ℓ/∂W2,  W1 ← α_t W1 − η_t ∂ℓ/∂W1,  ℓ = ½‖M_□(k_□,t) − v̂_□,t‖²."""
 
     NAMES = ("M_k", "M_v", "M_eta", "M_alpha", "M_memory")
 
@@ -275,10 +296,13 @@ class SelfModifying:
         self.wq = p[f"{pre}.exprs.query.proj.queries_0.weight"]
         inits = {n: (f"companions.{n}[{layer}]" if n != "M_memory" else pre) for n in self.NAMES}
         self.now = {n: (rows(p[f"{q}.init1"], batch), rows(p[f"{q}.init2"], batch)) for n, q in inits.items()}
+        self.conv_q = step_conv(p, pre, "query")
+        self.conv_k = {n: step_conv(p, q, "key") for n, q in inits.items()}
+        self.conv_v = {n: step_conv(p, q, "value") for n, q in inits.items()}
         self.chunk = {n: c_mem if n == "M_memory" else c_other for n in self.NAMES}
         self.start: dict[str, tuple[Tensor, Tensor]] = {}
         self.t = 0
-        self.inputs: list[dict[str, Tensor]] = []
+        self.inputs: list[dict[str, dict[str, Tensor]]] = []
 
     def step(self, x_t: Tensor, eta_max: float = 0.1) -> Tensor:
         """x_t (B, d) -> o_t (B, d)."""
@@ -287,16 +311,19 @@ class SelfModifying:
                 self.start[n] = self.now[n]
         xs = x_t.unflatten(-1, (HEADS, -1))  # (B, H, dk)
         b = self.start
-        k = l2n(mlp(*b["M_k"], xs))
-        v = mlp(*b["M_v"], xs)
+        gen_k, gen_v = mlp(*b["M_k"], xs).flatten(-2), mlp(*b["M_v"], xs).flatten(-2)  # M_k,b(x_t), M_v,b(x_t)
         eta = eta_max * torch.sigmoid(mlp(*b["M_eta"], xs).mean(-1))[..., None, None]
         alpha = torch.sigmoid(mlp(*b["M_alpha"], xs).mean(-1) + 4)[..., None, None]
-        q = l2n((x_t @ self.wq.T).unflatten(-1, (HEADS, -1)))
+        q = l2n(self.conv_q(x_t @ self.wq.T).unflatten(-1, (HEADS, -1)))
         out = mlp(*self.now["M_memory"], q)  # read before: θ_{t−1}
-        self.inputs.append({"k": k, "v": v, "eta": eta[..., 0, 0], "alpha": alpha[..., 0, 0]})
+        seen: dict[str, dict[str, Tensor]] = {"k": {}, "v": {}, "target": {}}  # per level
+        seen["rates"] = {"eta": eta[..., 0, 0], "alpha": alpha[..., 0, 0]}  # shared by every level
+        self.inputs.append(seen)
         for n in self.NAMES:
+            k = l2n(self.conv_k[n](gen_k).unflatten(-1, (HEADS, -1)))
+            v = self.conv_v[n](gen_v).unflatten(-1, (HEADS, -1))
             target = l2n(mlp(*b[n], v))  # the spec's bound on the self-generated targets
-            self.inputs[-1][n] = target
+            seen["k"][n], seen["v"][n], seen["target"][n] = k, v, target
             g1, g2 = inner_grad(*b[n], k, target)
             W1, W2 = self.now[n]
             W2k = (W2 @ k[..., None])[..., 0]
@@ -508,22 +535,24 @@ def test_self_modifying_inputs_are_generated_at_the_producers_boundary_states(sp
             pre = f"layers.{2 + 2 * layer}.body"
             h = h + swiglu(rms(h, p[f"{pre}.0.weight"]), p, f"{pre}.1")
     for layer, block in enumerate(blocks):
-        k = torch.stack([i["k"] for i in block.inputs], 2)
-        v = torch.stack([i["v"] for i in block.inputs], 2)
-        eta = torch.stack([i["eta"] for i in block.inputs], 2)
-        alpha = torch.stack([i["alpha"] for i in block.inputs], 2)
+
+        def seen(kind: str, name: str, block: SelfModifying = block) -> Tensor:
+            return torch.stack([i[kind][name] for i in block.inputs], 2).detach()
+
+        tol = 1e-7 if spec == "hope" else 1e-10
         for name in SelfModifying.NAMES:
             probe = probes[f"{name}[{layer}]"]
-            tol = 1e-7 if spec == "hope" else 1e-10
-            assert rel_err(probe["keys"].detach(), k.detach()) < tol, name
-            assert rel_err(probe["lr"].detach(), eta.detach()) < tol, name
-            assert rel_err(probe["retain"].detach(), alpha.detach()) < tol, name
-            target = torch.stack([i[name] for i in block.inputs], 2)  # v̂_□ = l2norm(M_□,b(v_t)): the objective's values
-            assert rel_err(probe["values"].detach(), target.detach()) < tol, name
-        # Each memory compares with its own targets, all generated from one v_t.
+            assert rel_err(probe["keys"].detach(), seen("k", name)) < tol, name
+            assert rel_err(probe["lr"].detach(), seen("rates", "eta")) < tol, name
+            assert rel_err(probe["retain"].detach(), seen("rates", "alpha")) < tol, name
+            # v̂_□ = l2norm(M_□,b(v_□,t)): the objective's values
+            assert rel_err(probe["values"].detach(), seen("target", name)) < tol, name
+            assert ((seen("k", name).norm(dim=-1) - 1).abs() < 1e-9).all()
+        # Each memory compares with its own targets, generated from its own filtering of M_v's output.
         assert rel_err(probes[f"M_v[{layer}]"]["values"].detach(), probes[f"M_k[{layer}]"]["values"].detach()) > 1e-6
-        assert rel_err(probes[f"M_k[{layer}]"]["values"].detach(), v.detach()) > 1e-6
-        assert ((k.norm(dim=-1) - 1).abs() < 1e-9).all()
+        assert rel_err(probes[f"M_k[{layer}]"]["values"].detach(), seen("v", "M_k")) > 1e-6
+        # Each level's conv(4) weights are its own: the keys of two levels differ.
+        assert rel_err(seen("k", "M_k"), seen("k", "M_memory")) > 1e-6
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -672,13 +701,18 @@ ICL_VOCAB, ICL_BLOCK = 16, 8
 ICL_SIZES = {"d": 32, "layers": 1, "vocab": ICL_VOCAB + 1}
 # Budget: batch 32, AdamW lr 1e-2 (3e-2 stalls Titans on the plateau and diverges self-modifying Titans),
 # 100 steps, measured to leave the plateau with margin for LMM, MAL and MAG (about 10 s each on 2 CPU cores).
-# The self-modifying specs run an exact token-by-token DGD scan (W003, about 1 s a step), so they get 40
-# steps, and eta_max = 0.005, the value this budget was calibrated at. (Before the spec l2-normalised its
-# self-generated targets, the loop v = M_v(x) -> target M_v(v) overflowed to NaN in the first sequence at
-# eta_max = 0.1 and grew the targets tenfold over 10 outer steps at 0.02; with the bound both are stable.)
+# Self-modifying Titans: its only token mixing is the conv(4) on q, k, v, and its in-context gain is small
+# (for unit keys one DGD step stores about η of the error; see the fragment's header), so one layer needs
+# eta_max = 0.3 and 400 steps to leave the plateau; chunks of 8 (the spec's C_other; the 16-token
+# sequences make two M_memory chunks) cost about 0.06 s a step against 0.23 s for chunks of 2 and 4.
+# Measured second pass (with / without inner lrs) at init seeds 0, 1: 1.11 / 2.78, 2.22 / 2.80; at 300 steps
+# seed 1 was still at 2.57, at 500 steps 1.78, seed 2 0.27. At eta_max 0.005-0.05 (100 steps) it stayed at
+# 2.71-2.79. HOPE leaves it within 40 steps at eta_max 0.005 (its CMS levels learn the task in context).
+# (Before the spec l2-normalised its self-generated targets, the loop v = M_v(x) -> target M_v(v) overflowed
+# to NaN in the first sequence at eta_max = 0.1 and grew the targets tenfold over 10 outer steps at 0.02.)
 ICL_BATCH, ICL_LR, ICL_STEPS = 32, 1e-2, 100
 ICL_OVERRIDES: dict[str, dict[str, object]] = {
-    "titans_selfmod": {"steps": 40, "eta_max": 0.005},
+    "titans_selfmod": {"steps": 400, "eta_max": 0.3, "c_other": 8, "c_mem": 8},
     "hope": {"steps": 40, "eta_max": 0.005},
 }
 
@@ -722,18 +756,7 @@ def icl_results() -> dict[str, tuple[float, float]]:
         "titans_lmm",
         "titans_mal",
         "titans_mag",
-        pytest.param(
-            "titans_selfmod",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="open (issue 15): at one layer the second pass stays on the ln 16 plateau (2.79 with and "
-                "without inner lrs). A token shift is necessary: without a conv, q, k, v are functions of x_t and "
-                "the memories' states, so the memory cannot store x_t -> x_{t+1} (DeltaNet without conv behaves "
-                "the same). It is not sufficient here: with the bounded targets, a causal conv(4) on the memories' "
-                "input in every level stayed at 2.75-2.79 with eta_max 0.02, 0.3 or 1.0, a LayerNorm on "
-                "M_memory's branch, gd instead of dgd, and 100 outer steps (measured, not in this test)",
-            ),
-        ),
+        "titans_selfmod",
         "hope",
     ],
 )

@@ -103,7 +103,7 @@ def test_self_modifying_titans_checks_clean_and_its_online_variant_is_a_cycle(tm
     assert {w.code for w in front_end(specs / "titans_selfmod.nest").warnings} <= {"W003"}
     fragment = (specs / "fragments" / "self_modifying_titans.nest").read_text()
     # M_k generating its own keys from its online state needs its update before the update happens.
-    broken = fragment.replace("keys      M_k(x) |> l2norm", "keys      M_k(x, read = online) |> l2norm", 1)
+    broken = fragment.replace("keys      conv(4, M_k(x))", "keys      conv(4, M_k(x, read = online))", 1)
     assert broken != fragment
     (tmp_path / "fragments").mkdir()
     (tmp_path / "fragments" / "self_modifying_titans.nest").write_text(broken)
