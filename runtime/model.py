@@ -300,11 +300,11 @@ class CompiledModel(nn.Module):
     def _window_bounds(self, length: int, mem: States) -> list[tuple[int, int]]:
         """Window ends fall on every chunk end that something waits for: task levels update there, and
         boundary reads of a level must not change inside a window."""
-        size = self.plan.window or length
         aligned = self.task_levels + [self.levels[i] for lv in self.levels.values() for i in lv.group.values()]
         blocks = [level.plan.chunk for level in aligned] + [site.every for site in self.read_sites.values()]
         if blocks:
-            size = math.gcd(size, *blocks)
+            # Not the call's length: gcd(82, 8) = 2 ran 2-token windows whenever documents were repacked.
+            size = math.gcd(self.plan.window or 0, *blocks)
             anchor = aligned[0].instance if aligned else next(iter(self.read_sites))
             offsets = mem[anchor].position % size
             if bool((offsets != offsets[0]).any()):
@@ -314,6 +314,8 @@ class CompiledModel(nn.Module):
                 bounds = [(0, min(first, length))]
                 bounds += [(s, min(s + size, length)) for s in range(first, length, size)]
                 return bounds
+        else:
+            size = self.plan.window or length
         return [(s, min(s + size, length)) for s in range(0, length, size)]
 
     def _step_window(

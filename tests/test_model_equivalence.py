@@ -377,3 +377,15 @@ def test_window_equals_whole_call(spec: str, chunk: int, grad: str) -> None:
     model.plan.window = None
     model.backend = "reference"
     assert_close(windowed, model(tokens), TOL64, "windowed vs reference")
+
+
+def test_windows_follow_the_chunks_not_the_call_length() -> None:
+    """The scheduler's windows are as long as the chunks allow, whatever the call's length: a repacked batch of
+    documents 7 tokens long ran 1-token windows when the length entered the gcd (gcd(7, 2) = 1), 4x the
+    work and memory of HOPE on a batch with one document boundary per row."""
+    spec = Path(__file__).parents[1] / "specs" / "hope.nest"
+    params = {"d": 16.0, "heads": 2.0, "layers": 1.0, "c_other": 2.0, "c_mem": 4.0, "chunks": [2.0, 4.0]}
+    model = nestc_runtime.build(to_plan(front_end(spec, params)))
+    mem = model.init_state(2).memories
+    assert model._window_bounds(7, mem) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert model._window_bounds(1, mem) == [(0, 1)]
