@@ -19,6 +19,10 @@ hope.nest describes: self-mod chunk 8, memory chunk 64; and hope_attention).
 FLOPs of a row are those of nestc's reference interpreter on the same work, counted with
 torch.utils.flop_counter.FlopCounterMode at a shorter T (--flop-seq) and scaled linearly to T.
 
+Part 3, the compiled scan (W003): a matrix memory with `momentum_gd` every token (no parallel form), batch 2,
+4 heads, d_head = d / heads, T = 256 (--scan-seq), fp32 forward+backward, run by the eager per-token loop over
+the reference step and by the compiled scan (its first call, which compiles, is reported apart).
+
 Run (peers live in a separate venv):  python bench/runtime.py [--repeats 5 --threads 2]
 Results are printed and written to bench/results/runtime.json and bench/results/runtime.md.
 """
@@ -486,6 +490,55 @@ def hope(args: argparse.Namespace, rows: list[dict[str, Any]], notes: dict[str, 
     )
 
 
+# ---------------------------------------------------------------- the compiled scan (W003)
+
+
+def compiled_scan(args: argparse.Namespace, rows: list[dict[str, Any]], notes: dict[str, Any]) -> None:
+    """A matrix memory with no parallel form (`momentum_gd` every token, W003): the eager per-token loop over
+    the reference step against the compiled scan (``runtime/ops/compiled_scan.py``), forward+backward."""
+    from nestc_runtime.ops import compiled_scan as cs
+    from nestc_runtime.ops.matrix_memory import MatrixMemoryConfig, MatrixMemoryState, chunked
+
+    B, H, T, dh = args.batch, args.heads, args.scan_seq, args.d // args.heads
+    cfg = MatrixMemoryConfig("l2", "after", 1, "online", optimizer="momentum_gd")
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    x = {
+        "q": rand(B, H, T, dh),
+        "k": F.normalize(rand(B, H, T, dh), dim=-1),
+        "v": rand(B, H, T, dh),
+        "lr": 0.5 * torch.sigmoid(rand(B, H, T)),
+        "retain": 0.5 + 0.5 * torch.sigmoid(rand(B, H, T) + 1),
+        "beta": 0.9 * torch.sigmoid(rand(B, H, T)),
+        "init": 0.3 * rand(H, dh, dh),
+    }
+    x = {name: t.requires_grad_() for name, t in x.items()}
+
+    def fwd_bwd(compiled: bool) -> None:
+        cs.set_compiled_scan(compiled)
+        state = MatrixMemoryState.initial(x["init"], B)
+        o, after = chunked(x["q"], x["k"], x["v"], x["lr"], x["retain"], state, cfg, momentum=x["beta"])
+        (o.square().sum() + after.S.sum()).backward()
+
+    cs.WARMUP_STEPS = 0  # compile at the first call (a long job reaches this point after its warm-up)
+    start = time.perf_counter()
+    fwd_bwd(True)
+    notes["compiled_scan_first_call_s"] = time.perf_counter() - start  # compiles the forward and backward
+    times = {name: measure(lambda c=c: fwd_bwd(c), args.repeats) for name, c in (("eager", False), ("compiled", True))}
+    cs.set_compiled_scan(True)
+    config = f"B={B} H={H} T={T} d_head={dh}, matrix momentum_gd every token, fp32"
+    for name, key in (("compiled scan, fwd+bwd", "compiled"), ("eager scan (per-token loop), fwd+bwd", "eager")):
+        row = {"part": "compiled_scan", "row": name, "config": config, "s": times[key]["s"]}
+        row.update(tok_s=B * T / times[key]["s"], samples=times[key]["samples"])
+        if key == "compiled":
+            row["x_eager_scan"] = times["eager"]["s"] / times["compiled"]["s"]
+            row["note"] = f"first call, compiling, {notes['compiled_scan_first_call_s']:.1f} s"
+        rows.append(row)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -529,7 +582,8 @@ def main() -> None:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile-seq", type=int, default=128)
     parser.add_argument("--top", type=int, default=8)
-    parser.add_argument("--parts", default="titans,hope")
+    parser.add_argument("--scan-seq", type=int, default=256, help="T of the compiled-scan rows")
+    parser.add_argument("--parts", default="titans,hope,scan")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -552,7 +606,7 @@ def main() -> None:
     rate_start = matmul_gflops()
     rows: list[dict[str, Any]] = []
     notes: dict[str, Any] = {}
-    for part, fn in (("titans", titans_memory), ("hope", hope)):
+    for part, fn in (("titans", titans_memory), ("hope", hope), ("scan", compiled_scan)):
         if part in args.parts.split(","):
             try:
                 fn(args, rows, notes)

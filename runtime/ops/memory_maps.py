@@ -115,7 +115,7 @@ def run_memory(
 ):
     """A memory op over a window of tokens: the per-token oracle, or the fast path. A windowed objective
     with `gd` runs the fast path on the virtual tokens (module docstring); with another optimizer it has
-    no virtual-token form and runs the oracle recurrence (the documented scan fallback, DESIGN §3)."""
+    no virtual-token form and the fast path runs its compiled scan (the documented fallback, DESIGN §3)."""
 
     def call(op: Any, inputs: dict[str, Tensor], st: Any, config: Any, rows: Tensor | None) -> tuple[Tensor, Any]:
         names = ("queries", "keys", "values", "lr", "retain")
@@ -123,7 +123,7 @@ def run_memory(
 
     c = cfg.window
     if reference or c == 1 or cfg.optimizer != "gd":
-        return call(scan if reference or c > 1 else chunked, x, state, cfg, lengths)
+        return call(scan if reference else chunked, x, state, cfg, lengths)
     virtual = replace(cfg, window=1, chunk=cfg.chunk * c)
     out, after = call(chunked, expand(x, c), virtual_state(state, c), virtual, None if lengths is None else lengths * c)
     return collapse(out, c, cfg.read), real_state(after, c)

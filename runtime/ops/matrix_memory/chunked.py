@@ -43,8 +43,10 @@ Scope of the parallel form: optimizer "gd" (any objective) and "dgd" ("dot" and 
 or per channel; "momentum_gd" at C ≥ 2 with decay after goes to ``momentum.chunked_momentum``.  Every
 other combination ("momentum_gd" otherwise, "newton_schulz", "delta_momentum", "dgd" with
 "lp"/"huber", a per-head α fed to a stream whose carried decay is per channel) runs through
-``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, a per-token loop over the
-reference step behind the same API (identical results and gradients, no parallelism over tokens).
+``_scan_fallback``: the documented compiled-scan fallback of DESIGN §3, the reference step per token run
+in ``torch.compile``d blocks of unrolled steps (``runtime/ops/compiled_scan.py``) behind the same API
+(the oracle's results and gradients, no parallelism over tokens); so does a windowed objective with an
+optimizer other than "gd" (``memory_maps.run_memory``).
 ("newton_schulz" maps the momentum through a non-linear NS_steps every token, and "delta_momentum"'s
 factor (αI - λĝᵀĝ) multiplies the momentum, not the state, so the state is a sum of products of those
 factors: neither has an exact block form implemented here.)
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import compiled_scan
 from ..memory_maps import gradient_signal, memory_output
 from . import reference
 from .momentum import chunked_momentum, has_momentum_form
@@ -358,12 +361,41 @@ def _scan_fallback(
     lengths: Tensor | None,
     momentum: Tensor | None,
 ) -> tuple[Tensor, MatrixMemoryState]:
-    """The compiled-scan fallback (DESIGN §3): a per-token loop over ``reference.step``.
+    """The compiled-scan fallback (DESIGN §3): ``reference.step`` per token, in compiled blocks.
 
-    Used where no parallel form is implemented; it is the reference recurrence itself, so outputs,
-    states and gradients are those of the oracle.
+    Used where no parallel form is implemented; each token runs the reference step itself (through
+    ``compiled_scan``), so outputs, states and gradients are those of the oracle.
     """
-    return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
+    if q.shape[2] == 0:
+        return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
+    log_decay = state.log_decay
+    if retain.dim() == 4 and log_decay.dim() == 2:
+        # The step widens a per-head carried decay at the first per-channel α; doing it up front keeps
+        # the carry's shape fixed through the scan (the values are the same).
+        log_decay = log_decay[..., None].expand(*retain.shape[:2], retain.shape[3])
+    valid = None
+    if lengths is not None:
+        valid = (torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None]  # (B,1,T)
+    carry = (state.S, state.P, log_decay, state.phase, state.chunks_done, state.momentum)
+    inputs = (q, k, v, lr, retain, valid, momentum)
+    o, after = compiled_scan.scan(_scan_step, carry, inputs, (state.init,), cfg)
+    S, P, log_decay, phase, done, m = after
+    return o, MatrixMemoryState(S, P, log_decay, phase, done, init=state.init, momentum=m)
+
+
+def _scan_step(
+    carry: tuple[Tensor, ...], inputs: tuple[Tensor | None, ...], consts: tuple[Tensor, ...], cfg: MatrixMemoryConfig
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``reference.step`` on flat tensors (the form ``compiled_scan`` threads through a block)."""
+    S, P, log_decay, phase, chunks_done, m = carry
+    q_t, k_t, v_t, lr_t, retain_t, valid_t, beta_t = inputs
+    state = MatrixMemoryState(
+        S=S, P=P, log_decay=log_decay, phase=phase, chunks_done=chunks_done, init=consts[0], momentum=m
+    )
+    assert q_t is not None and k_t is not None and v_t is not None and lr_t is not None and retain_t is not None
+    valid = None if valid_t is None else valid_t[:, 0]
+    o_t, new = reference.step(state, q_t, k_t, v_t, lr_t, retain_t, cfg, valid, beta_t)
+    return o_t, (new.S, new.P, new.log_decay, new.phase, new.chunks_done, new.momentum)
 
 
 def chunked(
