@@ -11,9 +11,9 @@ and its gradients are those of the step itself, whatever autograd does inside it
 
 Why unrolled blocks and not ``torch._higher_order_ops.scan``: in torch 2.13 that operator fails here
 (its autograd rejects integer carries; with float carries inductor raises a data-dependent-output
-error).  Why short blocks: inductor's compile time grows faster than linearly with the unrolled length
-(on 2 CPU cores, d = 64: about 8 s CPU for 4 steps, 75 s for 8), while 4 steps already amortise most of
-the dispatch.
+error).  Why 4 steps: inductor's compile time grows faster than linearly with the unrolled length while
+the gain flattens (momentum_gd every token, B=2, H=4, d_head=64, T=256, fwd+bwd, 1 thread: blocks of 2 / 4 / 8
+compile in 4.3 / 4.6 / 59 s CPU and run 3.7 / 4.4 / 4.9x faster than the eager loop).
 
 A configuration is compiled once it has scanned ``WARMUP_STEPS`` tokens eagerly (the compile pays off only
 over many tokens; results are the same either way).
