@@ -295,8 +295,8 @@ def _warn_task_chunks(system: ir.System, bag: DiagnosticBag, seq_len: int | None
 
 
 def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
-    """W003 for every in-context level that this runtime runs as a scan (one token at a time; compiled for a
-    matrix memory, ``runtime/ops/compiled_scan.py``)."""
+    """W003 for every in-context level that this runtime runs as a scan (one token at a time; compiled where it
+    runs the scan fallback, ``runtime/ops/compiled_scan.py``)."""
     for level in system.levels:
         if level.memory is None or level.inner is None or level.objective is None or level.objective.kind == "task":
             continue
@@ -327,8 +327,10 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
         if level.update.count == 1 and level.memory.kind == "mlp":
             why = "an MLP memory updated every token"
         hint = NEAREST_PARALLEL.get(key, "`gd`, `momentum_gd` (MLP) or `dgd` run in parallel")
-        # A matrix memory (a mapped depth-1 MLP included) scans in torch.compile'd blocks of tokens.
-        scan = "a compiled scan" if key[0] == "matrix" else "a scan"
+        # The scan fallback runs in torch.compile'd blocks of tokens; an MLP memory updated every token with
+        # gd, momentum_gd or dgd instead runs its chunked form with chunks of one token (not compiled).
+        compiled = key[0] == "matrix" or windowed or level.inner.kind in ("newton_schulz", "delta_momentum")
+        scan = "a compiled scan" if compiled else "a scan"
         bag.warning(
             "W003",
             f"`{level.name}` has no parallel form here ({why}): it runs as {scan}, token by token",

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import compiled_scan
 from ..matrix_memory.state import truncation_mask
 from . import reference
 from .state import (
@@ -99,8 +100,31 @@ def _scan_fallback(
     lengths: Tensor | None,
     momentum: Tensor | None,
 ) -> tuple[Tensor, MLPMemoryState]:
-    """The compiled-scan fallback (DESIGN §3): the per-token reference recurrence."""
-    return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
+    """The compiled-scan fallback (DESIGN §3): ``reference.step`` per token, in compiled blocks
+    (``runtime/ops/compiled_scan.py``), so outputs, states and gradients are those of the oracle."""
+    if q.shape[2] == 0:
+        return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
+    valid = None
+    if lengths is not None:
+        valid = (torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None]  # (B,1,T)
+    carry = (state.W1, state.W2, state.P1, state.P2, state.phase, state.chunks_done, state.M1, state.M2)
+    inputs = (q, k, v, lr, retain, valid, momentum)
+    o, after = compiled_scan.scan(_scan_step, carry, inputs, (state.init1, state.init2), cfg)
+    W1, W2, P1, P2, phase, done, M1, M2 = after
+    return o, MLPMemoryState(W1, W2, P1, P2, phase, done, state.init1, state.init2, M1, M2)
+
+
+def _scan_step(
+    carry: tuple[Tensor, ...], inputs: tuple[Tensor | None, ...], consts: tuple[Tensor, ...], cfg: MLPMemoryConfig
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``reference.step`` on flat tensors (the form ``compiled_scan`` threads through a block)."""
+    W1, W2, P1, P2, phase, chunks_done, M1, M2 = carry
+    q_t, k_t, v_t, lr_t, retain_t, valid_t, beta_t = inputs
+    state = MLPMemoryState(W1, W2, P1, P2, phase, chunks_done, consts[0], consts[1], M1, M2)
+    assert q_t is not None and k_t is not None and v_t is not None and lr_t is not None and retain_t is not None
+    valid = None if valid_t is None else valid_t[:, 0]
+    o_t, new = reference.step(state, q_t, k_t, v_t, lr_t, retain_t, cfg, valid, beta_t)
+    return o_t, (new.W1, new.W2, new.P1, new.P2, new.phase, new.chunks_done, new.M1, new.M2)
 
 
 # ---------------------------------------------------------------- torch.compile of the per-block step
