@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nestc_runtime import CompiledModel, RuntimeInputError
 from nestc_runtime.plan import LayerPlan, LevelPlan, Plan
@@ -107,7 +108,7 @@ def _layer_floats(layer: LayerPlan, plan: Plan, seq_len: int) -> float:
         doubled = 2 if layer.op == "prefix" else 1  # attention runs over the retrievals interleaved with tokens
         return doubled * inner + 3 * d
     if layer.op in ("memory", "read") and layer.level is not None and layer.level in plan.levels:
-        return _level_floats(plan.levels[layer.level], d, seq_len)
+        return sum(_level_floats(plan.levels[name], d, seq_len) for name in _with_producers(layer.level, plan))
     return {
         "embed": d,
         "head": 3 * vocab + d,  # logits, their log-softmax and the gradient of the logits
@@ -118,6 +119,31 @@ def _layer_floats(layer: LayerPlan, plan: Plan, seq_len: int) -> float:
         "silu": 2 * d,
         "swiglu": 4 * _swiglu_hidden(d) + 2 * d,
     }.get(layer.op, 2 * d)
+
+
+def _with_producers(name: str, plan: Plan) -> list[str]:
+    """The level and every level its projections and rates read (transitively, each once): a producer such
+    as self-modifying Titans' M_k runs its own memory op in every window of the layer that reads it."""
+    found: list[str] = []
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        if current in found or current not in plan.levels:
+            continue
+        found.append(current)
+        level = plan.levels[current]
+        for expr in [*level.exprs.values(), *(rate.expr for rate in level.rates.values())]:
+            pending += _read_levels(expr)
+    return found
+
+
+def _read_levels(expr: Any) -> list[str]:
+    if isinstance(expr, dict):
+        own = [expr["level"]] if expr.get("op") == "read" and isinstance(expr.get("level"), str) else []
+        return own + [name for value in expr.values() for name in _read_levels(value)]
+    if isinstance(expr, list):
+        return [name for value in expr for name in _read_levels(value)]
+    return []
 
 
 def _swiglu_hidden(d: int) -> int:
@@ -151,16 +177,22 @@ def _op_floats(level: LevelPlan, seq_len: int) -> float:
         window = level.options.get("window") or seq_len
         keys = min(seq_len, int(window)) + int(level.options.get("persistent", 0) or 0)
         return heads * 4 * dk + keys / 2
+    window = 1
     if level.kind == "mlp":
         hidden = float(level.options.get("expand", 4)) * dk
         state, per_token, span = 2 * dk * hidden, 6 * hidden + 6 * dk, level.chunk
+        # A windowed objective runs `window` virtual tokens per token (runtime/ops/memory_maps.py).
+        window = int(level.window or 1)
+        per_token *= window
     else:
         block = min(MATRIX_BLOCK, seq_len)
         state, per_token, span = dv * dk, 4 * block + 4 * dk + 4 * dv, block
     if level.objective == "task":
         saved = state / level.chunk  # one state per chunk
-    elif level.optimizer not in ("gd", "dgd", None):
-        saved = state  # no parallel form: the per-token scan saves every state
+    elif level.optimizer not in ("gd", "dgd", None) or (level.kind == "mlp" and level.optimizer == "dgd"):
+        # No parallel form: the per-token scan saves every state. An MLP memory's dgd saves as much: its
+        # factor (αI − η k kᵀ) gives every token of a chunk its own W2 (measured with saved-tensor hooks).
+        saved = state
     else:
         saved = 2 * state / max(1, span)  # the parallel form saves a state per block (or chunk)
     return heads * (per_token + saved)

@@ -171,3 +171,30 @@ def test_estimate_is_within_twice_the_measured_peak(
     ratio = estimated / measured
     print(f"{spec} d={d} {batch}x{seq_len}: estimate {resources.human(estimated)}, peak {resources.human(measured)}")
     assert 0.5 <= ratio <= 2.0, f"estimate {resources.human(estimated)} vs measured {resources.human(measured)}"
+
+
+@pytest.mark.parametrize("spec", ["titans_selfmod", "hope", "titans_lmm", "ttt_mlp", "hope_attention"])
+def test_activation_estimate_matches_what_autograd_saves(spec: str) -> None:
+    """The per-token activation estimate against the bytes autograd actually saves in a forward (saved-tensor
+    hooks, each storage once). A level's producers count too: self-modifying Titans' M_k, M_v, M_η, M_α run
+    their own memory ops in every window (before they were left out, HOPE was estimated at 1/6 of its use)."""
+    import torch
+
+    import nestc_runtime
+
+    plan = _plan(str(ROOT / "specs" / f"{spec}.nest"), d=32, heads=2)
+    torch.manual_seed(0)
+    model = nestc_runtime.build(plan)
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(torch.randint(0, 256, (4, 64)))
+    saved = sum(storages.values())
+    estimated = resources.estimate(plan, 4, 64, training=True).activations / resources.WORKSPACE
+    assert 0.8 < estimated / saved < 2.0, (
+        f"{spec}: estimated {estimated / 1e6:.1f} MB, autograd saved {saved / 1e6:.1f} MB"
+    )
