@@ -307,36 +307,36 @@ def report() -> None:
     tmp = RESULTS / f".compare.md.{os.getpid()}"  # several workers may report at once: replace atomically
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(RESULTS / "compare.md")
-    plot(found, max(key[1] for key in keys))
+    plot(found, sorted({key[1] for key in keys}))
     print("\n".join(lines), flush=True)
 
 
-def plot(found: dict[tuple[str, int], dict[str, list[dict]]], tokens: int) -> None:
-    """Bars (mean, std error bars) per task for the runs of `tokens` training tokens."""
+def plot(found: dict[tuple[str, int], dict[str, list[dict]]], budgets: list[int]) -> None:
+    """Bars (mean, std error bars) per task, one row per training budget (tokens per run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.4))
+    fig, grid = plt.subplots(len(budgets), len(TASKS), figsize=(4 * len(TASKS), 3.4 * len(budgets)), squeeze=False)
     colors = {"transformer": "#4c72b0", "titans": "#dd8452", "hope": "#55a868"}
-    for axis, task in zip(axes, TASKS):
-        key, title = HEADLINES[task]
-        names, means, stds, shades = [], [], [], []
-        for model in MODELS:
-            records = found.get((model, tokens), {}).get(task)
-            if records:
-                mean, std = mean_std([float(r["score"][key]) for r in records])
-                names.append(f"{model}\n(n={len(records)})")
-                means.append(mean)
-                stds.append(std)
-                shades.append(colors[model])
-        axis.bar(names, means, yerr=stds, capsize=4, color=shades)
-        if task == "mqar":
-            axis.axhline(1 / 26, color="grey", linestyle="--", linewidth=1, label="chance (1/26)")
-            axis.legend(fontsize=7)
-        axis.set_title(title, fontsize=9)
-    fig.suptitle(f"{tokens:,} training tokens per run", fontsize=10)
+    for axes, tokens in zip(grid, budgets):
+        for axis, task in zip(axes, TASKS):
+            key, title = HEADLINES[task]
+            names, means, stds, shades = [], [], [], []
+            for model in MODELS:
+                records = found.get((model, tokens), {}).get(task)
+                if records:
+                    mean, std = mean_std([float(r["score"][key]) for r in records])
+                    names.append(f"{model}\n(n={len(records)})")
+                    means.append(mean)
+                    stds.append(std)
+                    shades.append(colors[model])
+            axis.bar(names, means, yerr=stds, capsize=4, color=shades)
+            if task == "mqar":
+                axis.axhline(1 / 26, color="grey", linestyle="--", linewidth=1, label="chance (1/26)")
+                axis.legend(fontsize=7)
+            axis.set_title(f"{title} · {tokens:,} tokens", fontsize=9)
     fig.tight_layout()
     tmp = RESULTS / f".compare.{os.getpid()}.png"
     fig.savefig(tmp, dpi=120)
