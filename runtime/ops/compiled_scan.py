@@ -132,6 +132,14 @@ def scan(
     return torch.cat(outputs, 2), carry
 
 
+def valid_tokens(lengths: Tensor | None, steps: int) -> Tensor | None:
+    """Which tokens of each row are real, as a per-token input (B, 1, T) (time on axis 2 like the others);
+    None when every row runs the whole call. A step reads its token's mask as ``valid_t[:, 0]``."""
+    if lengths is None:
+        return None
+    return (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None])[:, None]
+
+
 def _signature(*groups: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
     """What a compiled block is specialised on: every tensor's shape, dtype and requires_grad, and the grad
     mode.  Keying the cache on it gives each specialisation its own compiled function (below)."""

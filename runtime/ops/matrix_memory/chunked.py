@@ -373,9 +373,7 @@ def _scan_fallback(
         # The step widens a per-head carried decay at the first per-channel α; doing it up front keeps
         # the carry's shape fixed through the scan (the values are the same).
         log_decay = log_decay[..., None].expand(*retain.shape[:2], retain.shape[3])
-    valid = None
-    if lengths is not None:
-        valid = (torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None]  # (B,1,T)
+    valid = compiled_scan.valid_tokens(lengths, q.shape[2])
     carry = (state.S, state.P, log_decay, state.phase, state.chunks_done, state.momentum)
     inputs = (q, k, v, lr, retain, valid, momentum)
     o, after = compiled_scan.scan(_scan_step, carry, inputs, (state.init,), cfg)

@@ -104,9 +104,7 @@ def _scan_fallback(
     (``runtime/ops/compiled_scan.py``), so outputs, states and gradients are those of the oracle."""
     if q.shape[2] == 0:
         return reference.scan(q, k, v, lr, retain, state, cfg, lengths=lengths, momentum=momentum)
-    valid = None
-    if lengths is not None:
-        valid = (torch.arange(q.shape[2], device=q.device)[None, :] < lengths[:, None])[:, None]  # (B,1,T)
+    valid = compiled_scan.valid_tokens(lengths, q.shape[2])
     carry = (state.W1, state.W2, state.P1, state.P2, state.phase, state.chunks_done, state.M1, state.M2)
     inputs = (q, k, v, lr, retain, valid, momentum)
     o, after = compiled_scan.scan(_scan_step, carry, inputs, (state.init1, state.init2), cfg)
