@@ -159,6 +159,28 @@ def add_loss_terms(states: Sequence[TaskState], terms: Sequence[Tensor]) -> list
     return out
 
 
+def _fresh_leaf(value: Tensor, anchor: Tensor) -> Tensor:
+    """A tensor equal to `value` that the chunk's backward pass differentiates, placed in the graph after
+    `anchor` (this window's input) so that the pass does not walk the whole call's history.
+
+    Why not a plain leaf: `torch.autograd.grad` walks every node reachable from the loss unless its inputs
+    sit deep in the graph; it skips nodes whose topological number (longest path to a leaf) is below the
+    inputs'. A leaf's is 0, so every chunk-end pass walked all earlier windows and a call cost O(T²):
+    HOPE, 2 x 1024 tokens, fwd+bwd 42.9 s; anchored 14.2 s (8 x 256: 5.9 → 5.3 s). The anchor gets no
+    gradient, so values and gradients are unchanged."""
+    return _AnchoredLeaf.apply(value.detach().requires_grad_(True), anchor)
+
+
+class _AnchoredLeaf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, leaf: Tensor, anchor: Tensor) -> Tensor:
+        return leaf.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 @dataclass
 class TaskRead:
     """What one window of a task level hands the scheduler: the level and its per-token rates."""
@@ -196,8 +218,7 @@ class TaskLevel(Level):
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
         """Read M at θ (the chunk-start state) through fresh leaves that the scheduler differentiates."""
         state: TaskState = op_state
-        leaf1 = state.W1.detach().requires_grad_(True)
-        leaf2 = state.W2.detach().requires_grad_(True)
+        leaf1, leaf2 = (_fresh_leaf(w, x["queries"]) for w in (state.W1, state.W2))
         # θ_{-1} + sg(θ − θ_{-1}): the value is θ, the outer gradient reaches only the initial state.
         W1 = leaf1 + (self.init1 - self.init1.detach())
         W2 = leaf2 + (self.init2 - self.init2.detach())
