@@ -178,8 +178,8 @@ def rows(init: Tensor, batch: int) -> Tensor:
 
 
 def titans_inputs(x: Tensor, p: dict[str, Tensor], pre: str) -> tuple[Tensor, ...]:
-    """Titans' q, k, v = SiLU(conv4(x W)), q, k l2-normalised per head (B, H, T, dh); η = 0.1σ(x W_η),
-    β = σ(x W_β) per head (B, H, T); α = 1 − σ(x W_α − 4) per channel (B, H, T, dh)."""
+    """Titans' q, k, v = SiLU(conv4(x W)), q, k l2-normalised per head (B, H, T, dh); η = 0.01σ(x W_η),
+    β = σ(x W_β) per head (B, H, T); α = 1 − σ(x W_α − 8) per channel (B, H, T, dh)."""
 
     def proj(role: str, conv: str) -> Tensor:
         e = f"{pre}.exprs.{role}"
@@ -187,9 +187,9 @@ def titans_inputs(x: Tensor, p: dict[str, Tensor], pre: str) -> tuple[Tensor, ..
         return split(F.silu(y))
 
     q, k, v = l2n(proj("query", "e_a_a")), l2n(proj("key", "e_a_a")), proj("value", "e_a")
-    eta = 0.1 * torch.sigmoid(x @ p[f"{pre}.rates.lr.proj.lr_0.weight"].T).transpose(1, 2)
+    eta = 0.01 * torch.sigmoid(x @ p[f"{pre}.rates.lr.proj.lr_0.weight"].T).transpose(1, 2)
     beta = torch.sigmoid(x @ p[f"{pre}.rates.momentum.proj.momentum_0.weight"].T).transpose(1, 2)
-    alpha = split(1 - torch.sigmoid(x @ p[f"{pre}.rates.retain.proj.retain_0.weight"].T - 4))
+    alpha = split(1 - torch.sigmoid(x @ p[f"{pre}.rates.retain.proj.retain_0.weight"].T - 8))
     return q, k, v, eta, beta, alpha
 
 
