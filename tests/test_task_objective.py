@@ -140,3 +140,20 @@ def test_streaming_under_no_grad_equals_one_call(tmp_path: Path) -> None:
             pieces.append(out)
     assert not pieces[-1].requires_grad
     torch.testing.assert_close(torch.cat(pieces, 1), whole.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_chunk_reads_sit_after_the_window_input_in_the_graph(tmp_path: Path) -> None:
+    """The chunk-end pass differentiates the reads of θ. autograd walks every node reachable from the loss
+    unless those inputs sit deep in the graph (it prunes nodes of a lower topological number), so a read
+    that were a plain leaf would make each pass walk the whole call so far: O(T²) per call. Each read is
+    anchored after its window's input instead (no gradient flows to the anchor)."""
+    model = build(tmp_path, "chunked", chunk=4)
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    _, state = model(tokens, model.init_state(1))
+    records = state.memories["cms"].op.leaves
+    assert records
+    for record in records:
+        for read in (record.leaf1, record.leaf2):
+            assert read.grad_fn is not None, "a plain leaf: chunk-end passes walk the whole graph"
+            anchors = [node for node, _ in read.grad_fn.next_functions if node is not None]
+            assert any(type(node).__name__ != "AccumulateGrad" for node in anchors)
