@@ -181,9 +181,13 @@ def _op_floats(level: LevelPlan, seq_len: int) -> float:
     if level.kind == "mlp":
         hidden = float(level.options.get("expand", 4)) * dk
         state, per_token, span = 2 * dk * hidden, 6 * hidden + 6 * dk, level.chunk
-        # A windowed objective runs `window` virtual tokens per token (runtime/ops/memory_maps.py).
+        # A windowed objective runs `window` virtual tokens per token (runtime/ops/memory_maps.py), and its
+        # chunk's score blocks are (C·c)² instead of C²: fitted to saved-tensor hooks on atlas (c = 2/4/8,
+        # C = 8/16/32, d_k = 16/32; within 25%).
         window = int(level.window or 1)
         per_token *= window
+        if window > 1:
+            per_token += 4 * hidden * window + 7 * level.chunk * window**2
     else:
         block = min(MATRIX_BLOCK, seq_len)
         state, per_token, span = dv * dk, 4 * block + 4 * dk + 4 * dv, block

@@ -173,7 +173,7 @@ def test_estimate_is_within_twice_the_measured_peak(
     assert 0.5 <= ratio <= 2.0, f"estimate {resources.human(estimated)} vs measured {resources.human(measured)}"
 
 
-@pytest.mark.parametrize("spec", ["titans_selfmod", "hope", "titans_lmm", "ttt_mlp", "hope_attention"])
+@pytest.mark.parametrize("spec", ["titans_selfmod", "hope", "titans_lmm", "ttt_mlp", "hope_attention", "atlas"])
 def test_activation_estimate_matches_what_autograd_saves(spec: str) -> None:
     """The per-token activation estimate against the bytes autograd actually saves in a forward (saved-tensor
     hooks, each storage once). A level's producers count too: self-modifying Titans' M_k, M_v, M_η, M_α run
