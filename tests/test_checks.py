@@ -113,3 +113,42 @@ def test_self_modifying_titans_checks_clean_and_its_online_variant_is_a_cycle(tm
         front_end(spec)
     (diag,) = [d for d in info.value.diagnostics if d.code == "E020"]
     assert "update of `M_k`" in diag.message and "`M_k` read online (M_k.keys)" in diag.message
+
+
+def test_rates_that_may_leave_their_range_are_warned_about(tmp_path: Path) -> None:
+    """η ≥ 0, α and β in [0, 1]: a learned projection is unbounded (W004), a squashed one is not; constants
+    outside are errors (tests/bad_specs/e016_*)."""
+    text = (Path(__file__).parents[1] / "specs" / "titans_lmm.nest").read_text()
+    spec = tmp_path / "rates.nest"
+    spec.write_text(text.replace('import "fragments/', f'import "{Path(__file__).parents[1]}/specs/fragments/'))
+    assert not [w for w in front_end(spec).warnings if w.code == "W004"]
+    fragment = (Path(__file__).parents[1] / "specs" / "fragments" / "titans_memory.nest").read_text()
+    for old, new, name in [
+        ("retain = 1 - sigmoid(linear(x) - 8)", "retain = 1 - linear(x)", "retain"),
+        ("momentum = sigmoid(linear(x))", "momentum = 2 * sigmoid(linear(x))", "momentum"),
+        ("lr = sigmoid(linear(x)) * eta_max", "lr = tanh(linear(x)) * eta_max", "lr"),
+    ]:
+        assert old in fragment
+        (tmp_path / "memory.nest").write_text(fragment.replace(old, new))
+        spec.write_text(text.replace('"fragments/titans_memory.nest"', '"memory.nest"'))
+        warnings = [w for w in front_end(spec).warnings if w.code == "W004"]
+        assert len(warnings) == 1 and f"`{name}` of `memory`" in warnings[0].message, warnings
+
+
+def test_value_range_is_sound_on_examples() -> None:
+    from nestc.checks.ranges import value_range
+    from nestc.ir import models as ir
+
+    x = ir.Linear(id="a", arg=ir.Input())
+    const = ir.Const
+
+    def fn(name: str, arg: ir.Expr) -> ir.Fn:
+        return ir.Fn(fn=name, arg=arg)
+
+    assert value_range(fn("sigmoid", ir.Bin(kind="+", left=fn("mean", x), right=const(value=4)))) == (0.0, 1.0)
+    assert value_range(ir.Bin(kind="*", left=fn("sigmoid", x), right=const(value=0.1))) == (0.0, 0.1)
+    assert value_range(ir.Bin(kind="/", left=const(value=1), right=fn("tanh", x))) == (float("-inf"), float("inf"))
+    assert value_range(ir.Bin(kind="/", left=const(value=1), right=fn("softplus", const(value=0.0))))[0] > 1.44
+    low, high = value_range(fn("silu", x))
+    assert low < -0.278 and high == float("inf")
+    assert value_range(fn("l2norm", x)) == (-1.0, 1.0) and value_range(fn("conv", x))[0] == float("-inf")

@@ -4,11 +4,14 @@ Rule 1: read sites and updates at one token form an acyclic graph (its order is 
 Rule 2: a nested level is at least as fast as its owner, and its chunk divides the owner's.
 Rule 3: every parameter belongs to exactly one level (one optimizer).
 Rule 4: every value a level consumes at token t exists by then (model order vs `online` reads).
-Rule 5: objectives and rates have the shapes their memory and optimizer expect (partly in elaboration).
+Rule 5: objectives and rates have the shapes their memory and optimizer expect (partly in elaboration),
+and values in their ranges: η ≥ 0, α and β in [0, 1] (constants outside are errors, expressions that may
+leave the range are warned about).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import networkx as nx
@@ -17,6 +20,7 @@ from ..diagnostics import DiagnosticBag, Label, Span
 from ..ir import models as ir
 from ..ir.catalogue import NEAREST_PARALLEL, PARALLEL_FORMS
 from ..ir.graph import evaluation_graph, site_label
+from .ranges import describe, value_range
 
 REQUIRED_PARAMS = ("d", "vocab")
 
@@ -30,6 +34,7 @@ def check(system: ir.System, seq_len: int | None = None) -> DiagnosticBag:
     _check_nesting(system, bag)
     _check_ownership(system, bag)
     _check_shapes(system, bag)
+    _check_rate_ranges(system, bag)
     _warn_no_gradient(system, bag)
     _warn_task_chunks(system, bag, seq_len)
     _warn_no_parallel_form(system, bag)
@@ -249,6 +254,36 @@ def _check_shapes(system: ir.System, bag: DiagnosticBag) -> None:
                 level.spans.get("objective", level.span),
                 "use `memory mlp(depth = 2, expand = 4, residual)`",
             )
+
+
+# The range each rate must stay in, and what goes wrong outside it.
+RATE_BOUNDS = {
+    "lr": ((0.0, math.inf), "a negative learning rate climbs the objective instead of descending it"),
+    "retain": ((0.0, 1.0), "a retention above 1 grows the memory without bound, below 0 flips its sign"),
+    "momentum": ((0.0, 1.0), "a momentum above 1 grows without bound, below 0 flips its sign"),
+}
+RATE_HINTS = {
+    "lr": "squash it into a range, e.g. `sigmoid(linear(x)) * 0.01`",
+    "retain": "squash it into [0, 1], e.g. `1 - sigmoid(linear(x) - 8)` (α near 1 keeps almost everything)",
+    "momentum": "squash it into [0, 1], e.g. `sigmoid(linear(x))`",
+}
+
+
+def _check_rate_ranges(system: ir.System, bag: DiagnosticBag) -> None:
+    for level in system.levels:
+        for name, rate in level.rates().items():
+            (low, high), harm = RATE_BOUNDS[name]
+            found = value_range(rate.expr)
+            if low <= found[0] and found[1] <= high:
+                continue
+            span = rate.span or level.spans.get("optimizer", level.span)
+            bound = describe((low, high))
+            if ir.is_constant(rate.expr):
+                message = f"`{name}` of `{level.name}` is {found[0]:g}, outside {bound}: {harm}"
+                bag.error("E016", message, span, f"use a value in {bound}")
+            else:
+                message = f"`{name}` of `{level.name}` can take values in {describe(found)}, outside {bound}: {harm}"
+                bag.warning("W004", message, span, RATE_HINTS[name])
 
 
 def _warn_no_gradient(system: ir.System, bag: DiagnosticBag) -> None:

@@ -745,7 +745,7 @@ class Elaborator:
                 "reduce it with `mean(...)`, or say `per channel`",
             )
             return None
-        return ir.Rate(expr=expr, shape=shape)  # type: ignore[arg-type]
+        return ir.Rate(expr=expr, shape=shape, span=value.span)  # type: ignore[arg-type]
 
     # ---- expressions over the level input x
     def _expr(self, e: ast.Expr, level: str, role: str) -> ir.Expr | None:

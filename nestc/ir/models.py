@@ -147,6 +147,7 @@ class Rate(_Model):
 
     expr: Expr
     shape: Literal["scalar", "head", "channel"] = "head"
+    span: Span | None = None  # the expression's, for the range checks
 
 
 class Memory(_Model):
