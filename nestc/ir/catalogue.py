@@ -6,6 +6,7 @@ primitive is one entry here plus its runtime form; the checker's messages list t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -71,6 +72,12 @@ OUTER_OPTIMIZERS: dict[str, Signature] = {
     "m3": _sig("lr beta1 beta2 beta3 alpha slow_every eps steps momentum_sum v_sum"),  # *_sum: 1 = as printed
     "dmgd": _sig("lr beta expand inner_lr"),
 }
+
+# Ranges of the outer optimizers' numbers (closed low, open high where a value at the bound would not
+# train or would not converge): PyTorch's own optimizers reject most of these values only when a run starts.
+OUTER_RANGES: dict[str, tuple[float, float, str]] = {
+    name: (0.0, math.inf, "[0, ∞)") for name in ("lr", "weight_decay", "eps", "alpha", "inner_lr")
+} | {name: (0.0, 1.0, "[0, 1)") for name in ("beta", "beta1", "beta2", "beta3", "momentum")}
 
 # Layers usable in a model composition (stateless, token-wise), and the compositions themselves.
 MODEL_LAYERS = {"embed", "head", "linear", "rmsnorm", "layernorm", "l2norm", "swiglu", "silu"}
