@@ -531,6 +531,11 @@ class Elaborator:
         for key in ("expand", "norm", "activation", "persistent"):
             if key in args:
                 fields[key] = args[key]
+        expand = fields.get("expand")
+        if isinstance(expand, (int, float)) and expand <= 0:
+            hint = "the hidden layer is expand × d_key wide"
+            self.bag.error("E016", f"`expand` must be positive, not {expand:g}", call.span, hint)
+            del fields["expand"]
         fields["residual"] = bool(args.get("residual", False))
         persistent = fields.get("persistent")
         if persistent is not None and self._memory_kind(str(persistent)) != "persistent":
