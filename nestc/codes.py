@@ -84,8 +84,8 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
     "W003": (
         "no parallel form",
         "The combination of memory, optimizer and frequency has no known chunked form, so it runs as a "
-        "scan (one token at a time, in torch.compile'd blocks of tokens, NESTC_COMPILED_SCAN=0 runs it eagerly; "
-        "an MLP memory updated every token runs its chunked form one token at a time, not compiled). The hint "
+        "scan (one token at a time, in torch.compile'd blocks of tokens, NESTC_COMPILED_SCAN=0 runs it eagerly). "
+        "The hint "
         "names the nearest parallel alternative. A windowed "
         "objective (`window = c`) runs in parallel only with `gd` (as c virtual tokens per token).",
     ),

@@ -362,13 +362,10 @@ def _warn_no_parallel_form(system: ir.System, bag: DiagnosticBag) -> None:
         if level.update.count == 1 and level.memory.kind == "mlp":
             why = "an MLP memory updated every token"
         hint = NEAREST_PARALLEL.get(key, "`gd`, `momentum_gd` (MLP) or `dgd` run in parallel")
-        # The scan fallback runs in torch.compile'd blocks of tokens; an MLP memory updated every token with
-        # gd, momentum_gd or dgd instead runs its chunked form with chunks of one token (not compiled).
-        compiled = key[0] == "matrix" or windowed or level.inner.kind in ("newton_schulz", "delta_momentum")
-        scan = "a compiled scan" if compiled else "a scan"
+        # Every scan fallback runs in torch.compile'd blocks of tokens (runtime/ops/compiled_scan.py).
         bag.warning(
             "W003",
-            f"`{level.name}` has no parallel form here ({why}): it runs as {scan}, token by token",
+            f"`{level.name}` has no parallel form here ({why}): it runs as a compiled scan, token by token",
             level.spans.get("optimizer", level.span),
             hint,
         )

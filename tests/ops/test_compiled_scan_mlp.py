@@ -1,9 +1,9 @@
 """The compiled scan of the MLP memory: the combinations without a parallel form (Newton–Schulz,
-delta_momentum, a windowed objective with an optimizer other than gd) run ``reference.step`` in
-``torch.compile``d blocks (``runtime/ops/compiled_scan.py``); outputs, carried state and the gradients of every
-input must equal the eager oracle ``reference.scan``. Blocks of 2 tokens, the "aot_eager" backend (the same
-graph capture and autograd as inductor without its C++ build; the inductor path is covered by the matrix
-memory's tests, the utility being the same), rows of different lengths."""
+delta_momentum, a windowed objective with an optimizer other than gd, any optimizer every token) run
+``reference.step`` in ``torch.compile``d blocks (``runtime/ops/compiled_scan.py``); outputs, carried state
+and the gradients of every input must equal the eager oracle ``reference.scan``. Blocks of 2 tokens, the
+"aot_eager" backend (the same graph capture and autograd as inductor without its C++ build; the inductor
+path is covered by the matrix memory's tests, the utility being the same), rows of different lengths."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ CASES = {
     "newton_schulz gelu, truncate": MLPMemoryConfig(
         "dot", 2, "boundary", "truncate", optimizer="newton_schulz", steps=2, activation="gelu"
     ),
+    "gd every token": MLPMemoryConfig("l2", 1, "online", optimizer="gd"),
+    "dgd every token, LN": MLPMemoryConfig("l2", 1, "online", optimizer="dgd", norm=True),
+    "momentum_gd every token, stop": MLPMemoryConfig("l2", 1, "before", "stop", optimizer="momentum_gd"),
 }
 
 
@@ -105,7 +108,7 @@ SPEC = """system s(d = 16, heads = 2, vocab = 257) {
     [
         ("newton_schulz(lr = 0.1)", "a compiled scan"),
         ("delta_momentum(lr = 0.1)", "a compiled scan"),
-        ("gd(lr = 0.1)", "a scan"),
+        ("gd(lr = 0.1)", "a compiled scan"),
     ],
 )
 def test_w003_says_which_scans_are_compiled(optimizer: str, wording: str, tmp_path: Any) -> None:

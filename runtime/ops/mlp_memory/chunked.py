@@ -46,9 +46,9 @@ w1_i = -η_i W1_i ŝ_i and ŝ = s/‖s‖ from the chunk start: that key depends
 Scope of the parallel form: "gd", "momentum_gd" and "dgd", rates per head or per channel.
 "newton_schulz" (a non-linear map of the momentum every token) and "delta_momentum" (its factor
 (αI - λĝᵀĝ) multiplies the momentum, a product of per-token factors) run through ``_scan_fallback``,
-the documented compiled-scan fallback (DESIGN §3): the reference recurrence behind the same API.
-At C = 1 the block loop is itself a per-token scan (DESIGN §3: an MLP memory updated every token has
-no parallel form).
+the documented compiled-scan fallback (DESIGN §3): the reference recurrence behind the same API. So does
+C = 1, where the block loop would itself be a per-token scan (DESIGN §3: an MLP memory updated every token
+has no parallel form), only not compiled.
 """
 
 from __future__ import annotations
@@ -82,9 +82,13 @@ GROUP_TOKENS = 128
 def has_parallel_form(cfg: MLPMemoryConfig, retain: Tensor, momentum: Tensor | None) -> bool:
     """Whether ``chunked`` runs the chunk-parallel form (True) or the scan fallback (False).
 
-    Parallel: "gd", "dgd" and "momentum_gd" (with its β given), rates per head or per channel.
+    Parallel: "gd", "dgd" and "momentum_gd" (with its β given), rates per head or per channel, chunks of at
+    least two tokens. Updated every token, the chunked form would be a loop of one-token blocks: the compiled
+    scan runs it 3.6-5x faster once compiled (gd / dgd, B=2, H=4, d=32, T=256, fwd+bwd, 1 thread).
     """
     if cfg.window > 1 or cfg.optimizer not in ("gd", "momentum_gd", "dgd") or retain.dim() not in (3, 4):
+        return False
+    if cfg.chunk == 1:
         return False
     return cfg.optimizer != "momentum_gd" or (momentum is not None and momentum.dim() in (3, 4))
 
