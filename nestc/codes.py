@@ -74,20 +74,19 @@ EXPLANATIONS: dict[str, tuple[str, str]] = {
         "A level with `objective task` updates at the end of each chunk; a chunk at least the training "
         "sequence length never completes inside a sequence.",
     ),
+    "W003": (
+        "no parallel form",
+        "The combination of memory, optimizer and frequency has no known chunked form, so it runs as a "
+        "scan (one token at a time, in torch.compile'd blocks of tokens, NESTC_COMPILED_SCAN=0 runs it eagerly). "
+        "The hint names the nearest parallel alternative. A windowed objective (`window = c`) runs in parallel "
+        "only with `gd` (as c virtual tokens per token).",
+    ),
     "W004": (
         "rate may leave its range",
         "A data-dependent rate whose expression can take values outside its range: η ≥ 0, α and β in [0, 1] "
         "(a constant outside is error E016). The check is interval arithmetic over the expression: learned "
         "projections are unbounded, `sigmoid` is in [0, 1], so `sigmoid(linear(x)) * 0.1` passes and "
         "`linear(x)` does not.",
-    ),
-    "W003": (
-        "no parallel form",
-        "The combination of memory, optimizer and frequency has no known chunked form, so it runs as a "
-        "scan (one token at a time, in torch.compile'd blocks of tokens, NESTC_COMPILED_SCAN=0 runs it eagerly). "
-        "The hint "
-        "names the nearest parallel alternative. A windowed "
-        "objective (`window = c`) runs in parallel only with `gd` (as c virtual tokens per token).",
     ),
 }
 

@@ -177,7 +177,6 @@ def _op_floats(level: LevelPlan, seq_len: int) -> float:
         window = level.options.get("window") or seq_len
         keys = min(seq_len, int(window)) + int(level.options.get("persistent", 0) or 0)
         return heads * 4 * dk + keys / 2
-    window = 1
     if level.kind == "mlp":
         hidden = float(level.options.get("expand", 4)) * dk
         state, per_token, span = 2 * dk * hidden, 6 * hidden + 6 * dk, level.chunk

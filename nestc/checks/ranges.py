@@ -18,11 +18,15 @@ SILU_MIN, SILU_ARGMIN = -0.2784645, -1.2784645  # min over x of x·sigmoid(x), a
 
 
 def _sigmoid(x: float) -> float:
-    return 0.0 if x == -math.inf else 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
+    if x < -700:  # exp(-x) would overflow; the value is 0 to float precision (and at -∞)
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-x))
 
 
 def _silu(x: float) -> float:
-    return math.inf if x == math.inf else x * _sigmoid(x) if x > -math.inf else 0.0
+    if math.isinf(x):
+        return max(x, 0.0)  # silu(+∞) = +∞, silu(−∞) = 0
+    return x * _sigmoid(x)
 
 
 def _softplus(x: float) -> float:

@@ -348,10 +348,8 @@ class Elaborator:
             low, high, shown = cat.OUTER_RANGES.get(kw.name.id, (-math.inf, math.inf, ""))
             value = hyper.get(kw.name.id)
             if value is not None and not low <= value < high:
-                self.bag.error(
-                    "E016", f"`{kw.name.id} = {value:g}` of `{call.fn.id}` is outside {shown}", kw.value.span,
-                    f"use a value in {shown}",
-                )  # fmt: skip
+                message = f"`{kw.name.id} = {value:g}` of `{call.fn.id}` is outside {shown}"
+                self.bag.error("E016", message, kw.value.span, f"use a value in {shown}")
         if "steps" in hyper and self._ns_steps(hyper["steps"], call) is None:  # muon, m3
             return None
         return ir.OuterOptimizer(kind=call.fn.id, hyper=hyper)  # type: ignore[arg-type]
