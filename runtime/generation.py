@@ -9,7 +9,7 @@ same model, field by field.
 
 Levels with `objective task` make one exception. Their θ, the running gradient G1/G2 of the chunk in
 progress, its phase, `due` flag and last learning rate, and the pending logits are tensors and are saved, but
-the reads of θ inside the open chunk are autograd graph (leaf records): later loss terms of the chunk reach
+the reads of θ inside the open chunk are autograd graph (read records): later loss terms of the chunk reach
 θ through them (the last token's term, whose label is the next token, and every later token through the
 in-context states that those reads fed). So a file also keeps the stream's token history (each model call's
 tokens, from a fresh state) while it is at most `MAX_REPLAY_TOKENS` long, and loading replays it, which

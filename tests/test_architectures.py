@@ -560,13 +560,21 @@ def test_self_modifying_inputs_are_generated_at_the_producers_boundary_states(sp
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [5, 13])  # C + 1 for C = 4, and a prime
+@pytest.mark.parametrize(
+    ("length", "documents"),
+    # C + 1 for C = 4; a prime with a second document in row 1 only (the rows are repacked, one document per
+    # row); the same with documents starting at the same places in both rows (run one after another, as a
+    # task's training batches are)
+    [(5, "one"), (13, "row 1"), (13, "aligned")],
+)
 @pytest.mark.parametrize("spec", [*RUNNING, MAC])
-def test_chunked_equals_reference_with_gradients(spec: str, length: int) -> None:
+def test_chunked_equals_reference_with_gradients(spec: str, length: int, documents: str) -> None:
     model = compiled(spec, seed=length)
     tokens = tokens_for(2, length, seed=length)
-    if length > 8:
-        tokens[1, 6] = EOD  # a packed second document in row 1
+    if documents == "row 1":
+        tokens[1, 6] = EOD
+    elif documents == "aligned":
+        tokens[:, [2, 6]] = EOD  # documents of 3, 4 and 6 tokens in each row
     weights = torch.randn(2, length, 257, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     params = list(model.parameters())
     out = {}

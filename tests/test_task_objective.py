@@ -143,17 +143,17 @@ def test_streaming_under_no_grad_equals_one_call(tmp_path: Path) -> None:
 
 
 def test_chunk_reads_sit_after_the_window_input_in_the_graph(tmp_path: Path) -> None:
-    """The chunk-end pass differentiates the reads of θ. autograd walks every node reachable from the loss
-    unless those inputs sit deep in the graph (it prunes nodes of a lower topological number), so a read
-    that were a plain leaf would make each pass walk the whole call so far: O(T²) per call. Each read is
-    anchored after its window's input instead (no gradient flows to the anchor)."""
+    """The chunk-end pass differentiates the outputs of the reads of θ. autograd walks every node reachable
+    from the loss unless those inputs sit deep in the graph (it prunes nodes of a lower topological number),
+    so a read whose graph began at a plain leaf would make each pass walk the whole call so far: O(T²) per
+    call. Each read's graph starts at its window's input instead."""
     model = build(tmp_path, "chunked", chunk=4)
     tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
     _, state = model(tokens, model.init_state(1))
-    records = state.memories["cms"].op.leaves
+    records = state.memories["cms"].op.reads
     assert records
     for record in records:
-        for read in (record.leaf1, record.leaf2):
-            assert read.grad_fn is not None, "a plain leaf: chunk-end passes walk the whole graph"
-            anchors = [node for node, _ in read.grad_fn.next_functions if node is not None]
-            assert any(type(node).__name__ != "AccumulateGrad" for node in anchors)
+        read = record.output
+        assert read.grad_fn is not None, "a plain leaf: chunk-end passes walk the whole graph"
+        inputs = [node for node, _ in read.grad_fn.next_functions if node is not None]
+        assert any(type(node).__name__ != "AccumulateGrad" for node in inputs)

@@ -4,12 +4,15 @@ Its memory is an MLP M(x) = x + [LN](W1 σ(W2 x)) used as a layer and read at th
 For its chunk [b, e] it takes g = ∂/∂θ Σ_{t=b}^{e} η_t CE(logits_t, x_{t+1}) at θ = θ_{b−1} and steps once,
 θ ← α θ − g (η inside the sum). Each sequence (row) has its own θ and its own g.
 
-How the gradient is taken: every window the level reads through a fresh leaf tensor equal to θ; after the
-window's logits exist the scheduler adds the window's labelled loss terms η_t CE_t to the chunk's running
-loss. When the chunk's last token has its label, one backward pass differentiates the chunk's loss with
-respect to all the chunk's leaves (its reads of θ) and θ is updated. A call can end before that label is
-known: the level is then `due` and the scheduler finishes the update at the start of the next call, from
-the logits it kept (DESIGN §3, depth-synchronous schedule).
+How the gradient is taken: every window the level reads M_θ(x) and keeps a record of the read (its
+queries and outputs); after the window's logits exist the scheduler adds the window's labelled loss terms
+η_t CE_t to the chunk's running loss. When the chunk's last token has its label, one backward pass gives
+∂loss/∂output for every read of the chunk, and since θ enters the loss only through those reads, one
+written-out product over all the chunk's tokens pulls them back to ∂loss/∂θ; θ is updated. (Differentiating
+with respect to θ itself would make autograd build a (B, H, d, h) gradient per window and add them up: more
+than half of a HOPE training step.) A call can end before the last label is known: the level is then
+`due` and the scheduler finishes the update at the start of the next call, from the logits it kept
+(DESIGN §3, depth-synchronous schedule).
 The outer gradient stops at the updates: θ enters as θ_{−1} + sg(θ − θ_{−1}), so the meta-learned initial
 state gets the outer gradient and nothing flows back through the updates.
 """
@@ -25,37 +28,34 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mlp_memory import MLPMemoryConfig
-from ..ops.mlp_memory.state import apply_memory, init_rows
+from ..ops.mlp_memory.state import apply_memory, apply_memory_backward, init_rows
 from ..plan import LevelPlan
 from .base import Level
 
 
 @dataclass
-class LeafRecord:
-    """The tensors one window read θ through. `rows` maps the state's rows to the leaves' rows (−1: this
-    row has no record), and `chunk` says which chunk each leaf row belonged to, so a gradient is only
-    taken for rows still in that chunk."""
+class ReadRecord:
+    """One window's read of θ: its queries (without graph) and its outputs M_θ(x) (with the graph the chunk's
+    loss is differentiated through). `rows` maps the state's rows to the record's rows (−1: this row has no
+    record), and `chunk` says which chunk each record row belonged to, so a gradient is only taken for rows
+    still in that chunk."""
 
-    leaf1: Tensor
-    leaf2: Tensor
-    chunk: Tensor  # (rows of the leaves,)
+    queries: Tensor  # (rows of the record, H, T, d)
+    output: Tensor  # (rows of the record, H, T, d)
+    chunk: Tensor  # (rows of the record,)
     rows: Tensor  # (B,) int64
+    config: MLPMemoryConfig
 
-    def gather(self, grads: Sequence[Tensor | None], current_chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """This record's share of ∂loss/∂θ per state row: the leaves' gradients mapped to the state's rows,
-        zero for rows without a record or whose chunk has moved on since the read."""
+    def gather(self, grad: Tensor, current_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """This record's queries and ∂loss/∂output mapped to the state's rows, the gradient zero for rows
+        without a record or whose chunk has moved on since the read."""
         safe = self.rows.clamp(min=0)
         same = (self.rows >= 0) & (self.chunk.index_select(0, safe) == current_chunk)
-        # The common case, every row reading its own leaf row in the same chunk, needs no copies.
-        direct = self.leaf1.shape[0] == safe.shape[0] and bool(same.all()) and bool((safe == self._arange()).all())
-        out = []
-        for grad, leaf in zip(grads, (self.leaf1, self.leaf2)):
-            g = torch.zeros_like(leaf) if grad is None else grad
-            if direct:
-                out.append(g)
-            else:
-                out.append(torch.where(same.view(-1, 1, 1, 1), g.index_select(0, safe), torch.zeros_like(g[:1])))
-        return out[0], out[1]
+        # The common case, every row reading its own record row in the same chunk, needs no copies.
+        if self.output.shape[0] == safe.shape[0] and bool(same.all()) and bool((safe == self._arange()).all()):
+            return self.queries, grad
+        mapped = torch.where(same.view(-1, 1, 1, 1), grad.index_select(0, safe), torch.zeros_like(grad[:1]))
+        return self.queries.index_select(0, safe), mapped
 
     def _arange(self) -> Tensor:
         return torch.arange(self.rows.shape[0], device=self.rows.device)
@@ -66,7 +66,7 @@ class TaskState:
     """W1 (B,H,d,h), W2 (B,H,h,d): θ, constant inside a chunk; G1, G2: gradient already taken in the
     current chunk (only when a stream was detached mid-chunk); phase, chunks_done (B,); due (B,): the chunk
     is complete but its last token's label is still unknown; last_lr (B,): η of each row's last token.
-    `leaves`: every window's read of θ in the current chunks; `loss` (B,): Σ η_t CE_t of each row's current
+    `reads`: every window's read of θ in the current chunks; `loss` (B,): Σ η_t CE_t of each row's current
     chunk so far, with its graph (None: no terms yet)."""
 
     W1: Tensor
@@ -77,43 +77,47 @@ class TaskState:
     chunks_done: Tensor
     due: Tensor
     last_lr: Tensor
-    leaves: list[LeafRecord] = field(default_factory=list)
+    reads: list[ReadRecord] = field(default_factory=list)
     loss: Tensor | None = None
 
     def _tensors(self) -> tuple[Tensor, ...]:
         return (self.W1, self.W2, self.G1, self.G2, self.phase, self.chunks_done, self.due, self.last_lr)
 
     def select(self, rows: Tensor) -> TaskState:
-        leaves = [LeafRecord(r.leaf1, r.leaf2, r.chunk, r.rows.index_select(0, rows)) for r in self.leaves]
+        reads = [replace(r, rows=r.rows.index_select(0, rows)) for r in self.reads]
         loss = None if self.loss is None else self.loss.index_select(0, rows)
-        return TaskState(*(t.index_select(0, rows) for t in self._tensors()), leaves=leaves, loss=loss)  # type: ignore[arg-type, misc]
+        return TaskState(*(t.index_select(0, rows) for t in self._tensors()), reads=reads, loss=loss)  # type: ignore[arg-type, misc]
 
     @staticmethod
     def cat(states: Sequence[TaskState]) -> TaskState:
         columns = zip(*(s._tensors() for s in states))
-        leaves = []
+        reads = []
         for i, state in enumerate(states):
-            for record in state.leaves:
+            for record in state.reads:
                 maps = [record.rows if j == i else -torch.ones_like(s.phase) for j, s in enumerate(states)]
-                leaves.append(LeafRecord(record.leaf1, record.leaf2, record.chunk, torch.cat(maps)))
+                reads.append(replace(record, rows=torch.cat(maps)))
         losses = [s.loss if s.loss is not None else s.last_lr.new_zeros(s.last_lr.shape) for s in states]
         loss = None if all(s.loss is None for s in states) else torch.cat(losses)
-        return TaskState(*(torch.cat(list(c)) for c in columns), leaves=leaves, loss=loss)  # type: ignore[arg-type, misc]
+        return TaskState(*(torch.cat(list(c)) for c in columns), reads=reads, loss=loss)  # type: ignore[arg-type, misc]
 
     def detach(self) -> TaskState:
         """Cut the graph between calls: the gradient of the chunk so far is taken now and kept in G."""
         (state,) = settle_gradients([(self, torch.ones_like(self.due))])
         return TaskState(*(t.detach() for t in state._tensors()))  # type: ignore[arg-type, misc]
 
-    def leaf_tensors(self) -> list[Tensor]:
-        return [leaf for record in self.leaves for leaf in (record.leaf1, record.leaf2)]
+    def read_outputs(self) -> list[Tensor]:
+        return [record.output for record in self.reads]
 
     def with_gradient(self, grads: Sequence[Tensor | None]) -> TaskState:
-        """Add ∂loss/∂θ, given the gradients of `leaf_tensors()` in order, to the chunk's running gradient."""
-        g1, g2 = self.G1, self.G2
-        for i, record in enumerate(self.leaves):
-            part1, part2 = record.gather(grads[2 * i : 2 * i + 2], self.chunks_done)
-            g1, g2 = g1 + part1, g2 + part2
+        """Add ∂loss/∂θ to the chunk's running gradient, given ∂loss/∂output of each read (`read_outputs()`
+        order): one product over the tokens of all the reads, at θ (constant inside a chunk)."""
+        pairs = [record.gather(grad, self.chunks_done) for record, grad in zip(self.reads, grads) if grad is not None]
+        if not pairs:
+            return self
+        queries, d_out = (torch.cat(parts, 2) for parts in zip(*pairs))
+        _, delta, s, u = apply_memory_backward(self.W1, self.W2, queries, d_out, self.reads[0].config)
+        g1 = self.G1 + delta.transpose(-1, -2) @ s
+        g2 = self.G2 + u.transpose(-1, -2) @ queries
         return replace(self, G1=g1, G2=g2)
 
 
@@ -123,7 +127,7 @@ def settle_gradients(items: Sequence[tuple[TaskState, Tensor]]) -> list[TaskStat
 
     The gradient of a chunk is taken once, when the chunk ends: one backward pass over the chunk's span
     instead of one per window. States that share one loss tensor (levels with the same constant rate and the
-    same chunks, as in the layers of a CMS) and the same rows share one pass over all their leaves."""
+    same chunks, as in the layers of a CMS) and the same rows share one pass over all their reads."""
     groups: dict[tuple[int, bytes], list[int]] = {}
     for index, (state, rows) in enumerate(items):
         if state.loss is not None and bool(rows.any()):
@@ -133,13 +137,13 @@ def settle_gradients(items: Sequence[tuple[TaskState, Tensor]]) -> list[TaskStat
         state, rows = items[indices[0]]
         assert state.loss is not None
         loss = (state.loss * rows).sum()
-        inputs = [leaf for i in indices for leaf in items[i][0].leaf_tensors()]
+        inputs = [output for i in indices for output in items[i][0].read_outputs()]
         grads: Sequence[Tensor | None] = ()
         if inputs and loss.requires_grad:
             grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
         offset = 0
         for i in indices:
-            count = 2 * len(items[i][0].leaves)
+            count = len(items[i][0].reads)
             settled = items[i][0].with_gradient(grads[offset : offset + count]) if grads else items[i][0]
             offset += count
             out[i] = replace(settled, loss=None if bool(rows.all()) else torch.where(rows, 0.0, state.loss))
@@ -159,26 +163,31 @@ def add_loss_terms(states: Sequence[TaskState], terms: Sequence[Tensor]) -> list
     return out
 
 
-def _fresh_leaf(value: Tensor, anchor: Tensor) -> Tensor:
-    """A tensor equal to `value` that the chunk's backward pass differentiates, placed in the graph after
-    `anchor` (this window's input) so that the pass does not walk the whole call's history.
+class _MemoryRead(torch.autograd.Function):
+    """M_θ(x) with θ = θ_{−1} + sg(θ − θ_{−1}): gradients reach x and the initial state θ_{−1}, never the
+    state rows (B, H, d, h), so no per-row weight gradient is built. The chunk-end pass takes ∂loss/∂M_θ(x)
+    at this node's output; the outer backward comes here.
 
-    Why not a plain leaf: `torch.autograd.grad` walks every node reachable from the loss unless its inputs
-    sit deep in the graph; it skips nodes whose topological number (longest path to a leaf) is below the
-    inputs'. A leaf's is 0, so every chunk-end pass walked all earlier windows and a call cost O(T²):
-    HOPE, 2 x 1024 tokens, fwd+bwd 42.9 s; anchored 14.2 s (8 x 256: 5.9 → 5.3 s). The anchor gets no
-    gradient, so values and gradients are unchanged."""
-    return _AnchoredLeaf.apply(value.detach().requires_grad_(True), anchor)
-
-
-class _AnchoredLeaf(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, leaf: Tensor, anchor: Tensor) -> Tensor:
-        return leaf.clone()
+    The output's graph starts after x, deep in the call's graph: `torch.autograd.grad` then skips every node
+    of a lower topological number, so a chunk-end pass does not walk the whole call so far (a read through a
+    plain leaf made a call O(T²): HOPE, 2 x 1024 tokens, fwd+bwd 42.9 s against 14.2 s)."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, W1: Tensor, W2: Tensor, init1: Tensor, init2: Tensor, config: MLPMemoryConfig
+    ) -> Tensor:
+        ctx.save_for_backward(x, W1, W2)
+        ctx.config = config
+        return apply_memory(W1, W2, x, config)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, W1, W2 = ctx.saved_tensors
+        dx, delta, s, u = apply_memory_backward(W1, W2, x, d_out, ctx.config)
+        # The initial state's gradient sums every row and token in one product per head.
+        d_init1 = torch.einsum("bhtd,bhtk->hdk", delta, s) if ctx.needs_input_grad[3] else None
+        d_init2 = torch.einsum("bhtk,bhtd->hkd", u, x) if ctx.needs_input_grad[4] else None
+        return dx if ctx.needs_input_grad[0] else None, None, None, d_init1, d_init2, None
 
 
 @dataclass
@@ -216,13 +225,12 @@ class TaskLevel(Level):
         )
 
     def run(self, x: dict[str, Tensor], op_state: Any, lengths: Tensor | None, reference: bool) -> tuple[Tensor, Any]:
-        """Read M at θ (the chunk-start state) through fresh leaves that the scheduler differentiates."""
+        """Read M at θ (the chunk-start state); the record of the read is what the scheduler differentiates."""
         state: TaskState = op_state
-        leaf1, leaf2 = (_fresh_leaf(w, x["queries"]) for w in (state.W1, state.W2))
-        # θ_{-1} + sg(θ − θ_{-1}): the value is θ, the outer gradient reaches only the initial state.
-        W1 = leaf1 + (self.init1 - self.init1.detach())
-        W2 = leaf2 + (self.init2 - self.init2.detach())
-        out = apply_memory(W1, W2, x["queries"], self.config)
+        queries = x["queries"]
+        out = _MemoryRead.apply(queries, state.W1.detach(), state.W2.detach(), self.init1, self.init2, self.config)
+        if not out.requires_grad:  # nothing before the read is trained: the chunk still needs its gradient
+            out = out.requires_grad_(True)
         lr = x["lr"].mean(1)  # (B, T)
         if self.pending is not None:
             self.pending.append(TaskRead(self, lr))
@@ -230,8 +238,8 @@ class TaskLevel(Level):
         used = lengths if lengths is not None else torch.full_like(state.phase, steps)
         last = lr.gather(1, (used - 1).clamp(min=0)[:, None])[:, 0].detach()
         rows = torch.arange(state.phase.shape[0], device=lr.device)
-        record = LeafRecord(leaf1, leaf2, state.chunks_done, rows)
-        return out, replace(state, leaves=[*state.leaves, record], last_lr=torch.where(used > 0, last, state.last_lr))
+        record = ReadRecord(queries.detach(), out, state.chunks_done, rows, self.config)
+        return out, replace(state, reads=[*state.reads, record], last_lr=torch.where(used > 0, last, state.last_lr))
 
     def retain(self) -> float:
         expr = self.plan.rates["retain"].expr
@@ -264,9 +272,9 @@ class TaskLevel(Level):
         done = state.chunks_done + rows.long()
         new_due = (state.due & ~rows) | (due if due is not None else torch.zeros_like(rows))
         # Reads of θ from finished chunks no longer matter once no row is still in them.
-        leaves = [
+        reads = [
             r
-            for r in state.leaves
+            for r in state.reads
             if bool(((r.rows >= 0) & (r.chunk.index_select(0, r.rows.clamp(min=0)) == done)).any())
         ]
-        return TaskState(W1, W2, G1, G2, state.phase, done, new_due, state.last_lr, leaves, state.loss)
+        return TaskState(W1, W2, G1, G2, state.phase, done, new_due, state.last_lr, reads, state.loss)

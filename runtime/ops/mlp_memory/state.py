@@ -217,6 +217,25 @@ def apply_memory(W1: Tensor, W2: Tensor, x: Tensor, cfg: MLPMemoryConfig) -> Ten
     return x + (layer_norm(z, cfg.ln_eps)[0] if cfg.norm else z)
 
 
+def apply_memory_backward(
+    W1: Tensor, W2: Tensor, x: Tensor, d_out: Tensor, cfg: MLPMemoryConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`apply_memory`'s backward written out, for d_out = ∂L/∂M_θ(x) (B,H,L,d).
+
+    Returns (∂L/∂x, δ, s, u): with a = x W2ᵀ, s = σ(a), z = s W1ᵀ, δ = ∂L/∂z and u = ∂L/∂a, the weight
+    gradients are ∂L/∂W1 = δᵀ s and ∂L/∂W2 = uᵀ x, summed over whichever tokens (and rows) the caller
+    wants in one product."""
+    a = x @ W2.transpose(-1, -2)
+    s = activation(a, cfg.activation)
+    if cfg.norm:
+        n, r = layer_norm(s @ W1.transpose(-1, -2), cfg.ln_eps)
+        delta = layer_norm_backward(d_out, n, r)
+    else:
+        delta = d_out
+    u = (delta @ W1) * activation_grad(a, cfg.activation)
+    return d_out + u @ W2, delta, s, u
+
+
 def output_map(z: Tensor, cfg: MLPMemoryConfig) -> Tensor:
     """The branch output from z = W1 σ(W2 x): z, or LN(z) with ``norm``."""
     return layer_norm(z, cfg.ln_eps)[0] if cfg.norm else z
