@@ -351,10 +351,10 @@ class TaskSampler(BatchSampler):
     """Training windows (batch, seq_len + 1) of a task's generated documents, packed back to back.
 
     Every row of a batch gets documents of the same sizes (different contents): the sizes come from a second
-    generator, replayed for each row. Document starts reset in-context memories and restart their chunks, so
-    rows whose documents start at different places split every chunk at the union of all rows' boundaries;
-    aligned rows keep whole chunks (HOPE on `mqar`, batch 4 x 128: 33 tokens/s and 7.9 GB before, see the
-    README's notes on `--task`). Across batches the sizes still vary as the task draws them.
+    generator, replayed for each row. Document starts reset in-context memories and restart their chunks;
+    aligned rows run document after document on the whole batch, while rows whose documents start at
+    different places are repacked one document per row, padded to the longest (see the README's notes on
+    `--task`). Across batches the sizes still vary as the task draws them.
 
     The state is both generators' states, so a resumed run draws the same batches.
     """
