@@ -157,3 +157,40 @@ def test_chunk_reads_sit_after_the_window_input_in_the_graph(tmp_path: Path) -> 
         assert read.grad_fn is not None, "a plain leaf: chunk-end passes walk the whole graph"
         inputs = [node for node, _ in read.grad_fn.next_functions if node is not None]
         assert any(type(node).__name__ != "AccumulateGrad" for node in inputs)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+def test_the_written_out_read_backward_equals_autograd(act: str, norm: bool) -> None:
+    """The read's backward (to x and to the initial state, summed over rows) and the chunk's θ gradient are
+    written out; autograd through M_θ(x) with θ = θ_rows + (θ_{-1} − sg(θ_{-1})) is the oracle."""
+    from nestc_runtime.levels.task import _MemoryRead
+    from nestc_runtime.ops.mlp_memory import MLPMemoryConfig
+    from nestc_runtime.ops.mlp_memory.state import apply_memory, apply_memory_backward
+
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    config = MLPMemoryConfig(norm=norm, activation=act)
+    x = rand(3, 2, 5, 4).requires_grad_(True)
+    init1, init2 = rand(2, 4, 8).requires_grad_(True), rand(2, 8, 4).requires_grad_(True)
+    rows1, rows2 = rand(3, 2, 4, 8), rand(3, 2, 8, 4)  # per-row states, no graph
+    d_out = rand(3, 2, 5, 4)
+
+    out = _MemoryRead.apply(x, rows1, rows2, init1, init2, config)
+    got = torch.autograd.grad(out, (x, init1, init2), d_out)
+    W1 = rows1 + (init1 - init1.detach())
+    W2 = rows2 + (init2 - init2.detach())
+    expected_out = apply_memory(W1, W2, x, config)
+    want = torch.autograd.grad(expected_out, (x, init1, init2), d_out)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("x", "init1", "init2"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+    theta = (rows1.clone().requires_grad_(True), rows2.clone().requires_grad_(True))
+    want_theta = torch.autograd.grad(apply_memory(*theta, x.detach(), config), theta, d_out)
+    _, delta, s, u = apply_memory_backward(rows1, rows2, x.detach(), d_out, config)
+    torch.testing.assert_close(delta.transpose(-1, -2) @ s, want_theta[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u.transpose(-1, -2) @ x.detach(), want_theta[1], rtol=1e-10, atol=1e-12)
