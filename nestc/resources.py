@@ -177,6 +177,10 @@ def _op_floats(level: LevelPlan, seq_len: int) -> float:
         window = level.options.get("window") or seq_len
         keys = min(seq_len, int(window)) + int(level.options.get("persistent", 0) or 0)
         return heads * 4 * dk + keys / 2
+    if level.kind == "mlp" and level.objective == "task":
+        # The read saves its queries and θ (one θ per chunk); its backward recomputes the hidden layer.
+        hidden = float(level.options.get("expand", 4)) * dk
+        return heads * (dk + 2 * dk * hidden / level.chunk)
     if level.kind == "mlp":
         hidden = float(level.options.get("expand", 4)) * dk
         state, per_token, span = 2 * dk * hidden, 6 * hidden + 6 * dk, level.chunk
@@ -190,9 +194,7 @@ def _op_floats(level: LevelPlan, seq_len: int) -> float:
     else:
         block = min(MATRIX_BLOCK, seq_len)
         state, per_token, span = dv * dk, 4 * block + 4 * dk + 4 * dv, block
-    if level.objective == "task":
-        saved = state / level.chunk  # one state per chunk
-    elif level.optimizer not in ("gd", "dgd", None) or (level.kind == "mlp" and level.optimizer == "dgd"):
+    if level.optimizer not in ("gd", "dgd", None) or (level.kind == "mlp" and level.optimizer == "dgd"):
         # No parallel form: the per-token scan saves every state. An MLP memory's dgd saves as much: its
         # factor (αI − η k kᵀ) gives every token of a chunk its own W2 (measured with saved-tensor hooks).
         saved = state
