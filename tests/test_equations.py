@@ -91,14 +91,20 @@ def test_probes_agree_across_backends(spec: str) -> None:
             assert rel_err(fast[name][key].detach(), ref[name][key].detach()) < 1e-10, f"{name} {key}"
 
 
+@pytest.mark.parametrize("aligned", [False, True], ids=["rows-differ", "aligned"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec", SPECS)
-def test_the_equation_restarts_at_each_document(spec: str, backend: str) -> None:
+def test_the_equation_restarts_at_each_document(spec: str, backend: str, aligned: bool) -> None:
+    """Documents starting at different places in each row (repacked one per row), or at the same places
+    (run one after another on the whole batch)."""
     model = compiled(spec, backend)
     tokens = tokens_for(2, 30, seed=2)
-    tokens[0, 11] = EOD
-    tokens[1, 3] = EOD
-    tokens[1, 20] = EOD
+    if aligned:
+        tokens[:, [3, 20]] = EOD
+    else:
+        tokens[0, 11] = EOD
+        tokens[1, 3] = EOD
+        tokens[1, 20] = EOD
     starts = torch.zeros_like(tokens, dtype=torch.bool)
     starts[:, 0] = True
     starts[:, 1:] = tokens[:, :-1] == EOD
