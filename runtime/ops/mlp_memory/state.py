@@ -227,13 +227,17 @@ def apply_memory_backward(
     wants in one product."""
     a = x @ W2.transpose(-1, -2)
     s = activation(a, cfg.activation)
-    if cfg.norm:
-        n, r = layer_norm(s @ W1.transpose(-1, -2), cfg.ln_eps)
-        delta = layer_norm_backward(d_out, n, r)
-    else:
-        delta = d_out
-    u = (delta @ W1) * activation_grad(a, cfg.activation)
+    norm = layer_norm(s @ W1.transpose(-1, -2), cfg.ln_eps) if cfg.norm else None
+    delta, u = _pull_back(d_out, a, norm, W1, cfg)
     return d_out + u @ W2, delta, s, u
+
+
+def _pull_back(
+    e: Tensor, a: Tensor, norm: tuple[Tensor, Tensor] | None, W1: Tensor, cfg: MLPMemoryConfig
+) -> tuple[Tensor, Tensor]:
+    """(δ, u) for e = ∂L/∂M(x): δ = e, or LN's backward of e given LN's (n, r); u = (W1ᵀ δ) ⊙ σ'(a)."""
+    delta = layer_norm_backward(e, *norm) if norm is not None else e
+    return delta, (delta @ W1) * activation_grad(a, cfg.activation)
 
 
 def output_map(z: Tensor, cfg: MLPMemoryConfig) -> Tensor:
@@ -253,12 +257,8 @@ def token_gradients(
     a = k @ P2.transpose(-1, -2)
     s = activation(a, cfg.activation)
     z = s @ P1.transpose(-1, -2)
-    if cfg.norm:
-        n, r = layer_norm(z, cfg.ln_eps)
-        y = n
-    else:
-        y = z
+    norm = layer_norm(z, cfg.ln_eps) if cfg.norm else None
+    y = norm[0] if norm is not None else z
     e = -v if cfg.objective == "dot" else objective_residual(k + y - v, cfg.objective, cfg.p, cfg.delta)
-    delta = layer_norm_backward(e, n, r) if cfg.norm else e
-    u = (delta @ P1) * activation_grad(a, cfg.activation)
+    delta, u = _pull_back(e, a, norm, P1, cfg)
     return delta, s, u
