@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from nestc.cli import main
 from nestc.pipeline import front_end, to_plan
 from nestc_runtime import CompiledModel, RuntimeInputError
+from nestc_runtime.training import check_compatible
 from nestc_runtime.evaluation import load_trained
 from nestc_runtime.generation import flatten_state, generate, load_state, sample_next, save_state
 
@@ -126,3 +127,17 @@ def test_generate_command_errors(run_dir: Path, tmp_path: Path, capsys: pytest.C
     assert main([*base, "--set", "d=32", "--ckpt", str(run_dir)]) == 1
     assert main([*base, *TINY, "--ckpt", str(run_dir), "--temperature", "-1"]) == 2
     assert main(["generate", SPEC, *TINY, "--ckpt", str(run_dir), "--prompt", ""]) == 2
+
+
+def test_every_spec_parameter_identifies_the_checkpoint() -> None:
+    """Lists (CMS chunk sizes) and strings (a read mode) name another model as much as numbers do: a checkpoint
+    records them all, the record survives JSON, and a changed one is refused."""
+    hope = ROOT / "specs" / "hope.nest"
+    trained = to_plan(front_end(hope, {"d": 32}, None)).params
+    assert trained["chunks"] == [16, 64, 256] and trained["mem_read"] == "before"
+    assert json.loads(json.dumps(trained)) == trained
+    check_compatible({"params": json.loads(json.dumps(trained))}, {"params": trained})
+    for change in ({"chunks": [8, 64, 256]}, {"mem_read": "boundary"}, {"eta_max": 0.1}):
+        other = to_plan(front_end(hope, {"d": 32, **change}, None)).params
+        with pytest.raises(RuntimeInputError, match="does not match"):
+            check_compatible({"params": trained}, {"params": other})
