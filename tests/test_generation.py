@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from nestc.cli import main
 from nestc.pipeline import front_end, to_plan
 from nestc_runtime import CompiledModel, RuntimeInputError
-from nestc_runtime.training import check_compatible
 from nestc_runtime.evaluation import load_trained
 from nestc_runtime.generation import flatten_state, generate, load_state, sample_next, save_state
+from nestc_runtime.training import check_compatible
 
 ROOT = Path(__file__).parents[1]
 SPEC = str(ROOT / "specs" / "deltanet.nest")
