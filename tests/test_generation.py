@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,16 @@ def test_every_spec_parameter_identifies_the_checkpoint() -> None:
         other = to_plan(front_end(hope, {"d": 32, **change}, None)).params
         with pytest.raises(RuntimeInputError, match="does not match"):
             check_compatible({"params": trained}, {"params": other})
+
+
+def test_a_mismatch_names_the_parameter() -> None:
+    """The error names the one parameter that differs (or is missing on either side), not two whole dicts."""
+    trained = {"params": {"d": 32, "chunks": [16, 64]}}
+    for here, needle in [
+        ({"d": 32, "chunks": [8, 64]}, "params.chunks is [16, 64] there but [8, 64] here"),
+        ({"d": 32, "chunks": [16, 64], "mem_read": "before"}, "does not record 'params.mem_read'"),
+        ({"d": 32}, "params.chunks is [16, 64] there but absent here"),
+    ]:
+        with pytest.raises(RuntimeInputError, match=re.escape(needle)):
+            check_compatible(trained, {"params": here})
+    check_compatible(trained, {"params": {"chunks": [16.0, 64.0], "d": 32.0}})  # --set gives floats
