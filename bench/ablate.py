@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nestc.pipeline import SpecError, front_end, to_plan  # noqa: E402
+from nestc.pipeline import SpecError, SpecFileError, front_end, to_plan  # noqa: E402
 from nestc_runtime import CompiledModel, RuntimeInputError  # noqa: E402
 from nestc_runtime.evaluation import evaluate, get_task, model_predictor, resolve_checkpoint  # noqa: E402
 from nestc_runtime.training.checkpoint import load_checkpoint  # noqa: E402
@@ -77,5 +77,7 @@ def _label(row: dict) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (RuntimeInputError, SpecError) as error:  # a wrong --set: one line, not a traceback
+    except SpecError as error:  # a wrong --set: the compiler's own one-line diagnostic
+        raise SystemExit(str(error).splitlines()[0]) from None
+    except (RuntimeInputError, SpecFileError) as error:
         raise SystemExit(f"error: {str(error).splitlines()[0]}") from None
