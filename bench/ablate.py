@@ -40,12 +40,13 @@ def parse_assignment(text: str) -> tuple[str, object]:
         return name.strip(), value.strip()
 
 
-def score(spec: str, params: dict, ckpt: Path, task: str) -> dict:
+def score(spec: str, params: dict, ckpt: Path, task: str, examples: int | None) -> dict:
     model = CompiledModel(to_plan(front_end(spec, params, None)))
     tensors, _ = load_checkpoint(ckpt)
     restore_model(model, tensors, str(ckpt))  # checks every weight's name and shape
     model.eval()
-    return evaluate(model_predictor(model), get_task(task), seed=0)
+    chosen = get_task(task) if examples is None else get_task(task, per_group=examples)
+    return evaluate(model_predictor(model), chosen, seed=0)
 
 
 def main() -> None:
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--task", default="mqar", choices=["mqar", "niah", "continual", "memorize"])
     parser.add_argument("--set", action="append", default=[], help="the parameters the run was trained with")
     parser.add_argument("--change", action="append", default=[], help="one evaluation per change: NAME=VALUE")
+    parser.add_argument("--examples", type=int, default=None, help="per row of the table, as in `nestc eval`")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main() -> None:
         params = dict(trained)
         if change:
             params.update([parse_assignment(change)])
-        result = score(args.spec, params, ckpt, args.task)
+        result = score(args.spec, params, ckpt, args.task, args.examples)
         groups = "  ".join(f"{_label(row)}: {row['accuracy']:.3f}" for row in result["rows"] if "accuracy" in row)
         headline = ", ".join(f"{key} {value:.3f}" for key, value in result["score"].items())
         print(f"{change or '(as trained)':<24} {headline:<20} {groups}", flush=True)
