@@ -458,6 +458,13 @@ def train(
     help="ppl: score the text in separate pieces of N tokens, each from a fresh state (e.g. the training "
     "length); default: one stream.",
 )
+@click.option(
+    "--examples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Generated tasks: examples per row of the table (pair count, length x depth, length; continual: "
+    "streams). Default 8 mqar, 3 niah, 4 memorize, 6 continual; more gives tighter figures.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated evaluation set.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V", help="Spec parameter, as in training (d=128).")
@@ -470,6 +477,7 @@ def eval_cmd(
     task: str,
     data: str | None,
     context: int | None,
+    examples: int | None,
     seed: int,
     out: str | None,
     sets: tuple[str, ...],
@@ -492,13 +500,18 @@ def eval_cmd(
         raise UsageProblem("--task ppl needs --data FILE (held-out text)")
     if task != "ppl" and context is not None:
         raise UsageProblem(f"--context applies to --task ppl, not {task}")
+    if task == "ppl" and examples is not None:
+        raise UsageProblem("--examples applies to the generated tasks; ppl scores the whole --data text")
     tokenizer = _checkpoint_tokenizer(ckpt)
     if task != "ppl" and tokenizer.name != "byte":
         raise UsageProblem(f"--task {task} is byte-level; this checkpoint's tokenizer is {tokenizer.name} (ppl only)")
     explicit_vocab = "vocab" in _parse_sets(sets)[0]
     compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, explicit_vocab)
     model, where = _load_trained(compilation, ckpt, backend, EVAL_TOKENS, force)
-    chosen = get_task(task, path=data, tokenizer=tokenizer, context=context) if task == "ppl" else get_task(task)
+    if task == "ppl":
+        chosen = get_task(task, path=data, tokenizer=tokenizer, context=context)
+    else:
+        chosen = get_task(task) if examples is None else get_task(task, per_group=examples)
     result = evaluate(model_predictor(model), chosen, seed=seed, vocab=model.plan.vocab)
     result.update(spec=compilation.path, checkpoint=str(where))
     if out is not None:

@@ -103,7 +103,9 @@ class OptimizerGroupPlan:
 @dataclass
 class Plan:
     system: str
-    params: dict[str, float | int]
+    # Every spec parameter, as the spec (with --set) gave it: a checkpoint records them, and eval, generate and
+    # --resume refuse a checkpoint whose parameters differ (a changed chunk or read mode is another model).
+    params: dict[str, float | int | str | list[float | int]]
     d: int
     vocab: int
     eod: int

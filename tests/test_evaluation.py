@@ -81,6 +81,15 @@ def test_mqar_rows_by_pairs_and_niah_by_length_and_depth() -> None:
     }
 
 
+@pytest.mark.parametrize("name", ["mqar", "niah", "continual", "memorize"])
+def test_per_group_sets_the_examples_of_every_row(name: str) -> None:
+    """`--examples N` (per_group): every row of the table rests on N examples; the rows stay the same."""
+    default = get_task(name).examples(torch.Generator().manual_seed(0))
+    tripled = get_task(name, per_group=3 * get_task(name).per_group).examples(torch.Generator().manual_seed(0))
+    assert len(tripled) == 3 * len(default)
+    assert {tuple(e.group.items()) for e in tripled} == {tuple(e.group.items()) for e in default}
+
+
 def test_task_sampler_resumes_exactly() -> None:
     sampler = TaskSampler(get_task("continual"), 2, 48, seed=5)
     sampler.next()
@@ -163,12 +172,18 @@ def test_ppl_context_scores_separate_pieces(
     assert json.loads(out.read_text())["rows"][0]["tokens"] == sum(len(p.spans["text"]) for p in pieces)
     assert main(["eval", SPEC, *TINY, "--ckpt", str(run_dir), "--task", "mqar", "--context", "16"]) == 2
     assert "--context applies to --task ppl" in capsys.readouterr().err
+    assert main([*base, "--examples", "4"]) == 2
+    assert "--examples applies to the generated tasks" in capsys.readouterr().err
 
 
 def test_eval_json_format_and_ckpt_folder(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = resolve_checkpoint(run_dir)
     assert main(["eval", SPEC, *TINY, "--ckpt", str(ckpt), "--task", "mqar", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["score"]["accuracy"] >= 0.0
+    assert (
+        main(["eval", SPEC, *TINY, "--ckpt", str(ckpt), "--task", "mqar", "--examples", "2", "--format", "json"]) == 0
+    )
+    assert [row["examples"] for row in json.loads(capsys.readouterr().out)["rows"]] == [2, 2, 2]
 
 
 def test_eval_bad_checkpoints(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from nestc.pipeline import front_end, to_plan
 from nestc_runtime import CompiledModel, RuntimeInputError
 from nestc_runtime.evaluation import load_trained
 from nestc_runtime.generation import flatten_state, generate, load_state, sample_next, save_state
+from nestc_runtime.training import check_compatible
 
 ROOT = Path(__file__).parents[1]
 SPEC = str(ROOT / "specs" / "deltanet.nest")
@@ -126,3 +128,30 @@ def test_generate_command_errors(run_dir: Path, tmp_path: Path, capsys: pytest.C
     assert main([*base, "--set", "d=32", "--ckpt", str(run_dir)]) == 1
     assert main([*base, *TINY, "--ckpt", str(run_dir), "--temperature", "-1"]) == 2
     assert main(["generate", SPEC, *TINY, "--ckpt", str(run_dir), "--prompt", ""]) == 2
+
+
+def test_every_spec_parameter_identifies_the_checkpoint() -> None:
+    """Lists (CMS chunk sizes) and strings (a read mode) name another model as much as numbers do: a checkpoint
+    records them all, the record survives JSON, and a changed one is refused."""
+    hope = ROOT / "specs" / "hope.nest"
+    trained = to_plan(front_end(hope, {"d": 32}, None)).params
+    assert trained["chunks"] == [16, 64, 256] and trained["mem_read"] == "before"
+    assert json.loads(json.dumps(trained)) == trained
+    check_compatible({"params": json.loads(json.dumps(trained))}, {"params": trained})
+    for change in ({"chunks": [8, 64, 256]}, {"mem_read": "boundary"}, {"eta_max": 0.1}):
+        other = to_plan(front_end(hope, {"d": 32, **change}, None)).params
+        with pytest.raises(RuntimeInputError, match="does not match"):
+            check_compatible({"params": trained}, {"params": other})
+
+
+def test_a_mismatch_names_the_parameter() -> None:
+    """The error names the one parameter that differs (or is missing on either side), not two whole dicts."""
+    trained = {"params": {"d": 32, "chunks": [16, 64]}}
+    for here, needle in [
+        ({"d": 32, "chunks": [8, 64]}, "params.chunks is [16, 64] there but [8, 64] here"),
+        ({"d": 32, "chunks": [16, 64], "mem_read": "before"}, "does not record 'params.mem_read'"),
+        ({"d": 32}, "params.chunks is [16, 64] there but absent here"),
+    ]:
+        with pytest.raises(RuntimeInputError, match=re.escape(needle)):
+            check_compatible(trained, {"params": here})
+    check_compatible(trained, {"params": {"chunks": [16.0, 64.0], "d": 32.0}})  # --set gives floats

@@ -42,7 +42,7 @@ def lower(system: ir.System, source_text: str = "") -> Plan:
     d, vocab = system.d, int(system.number("vocab"))
     return Plan(
         system=system.name,
-        params={k: v for k, v in system.params.items() if isinstance(v, (int, float))},
+        params={k: list(v) if isinstance(v, list) else v for k, v in system.params.items()},
         d=d,
         vocab=vocab,
         eod=vocab - 1,

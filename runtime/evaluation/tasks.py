@@ -137,11 +137,11 @@ class NIAH(Task):
     description = "single needle in a haystack: accuracy on the needle's digits vs length and depth"
 
     def __init__(
-        self, lengths: tuple[int, ...] = (64, 128, 256), depths: tuple[float, ...] = (0.0, 0.5, 1.0), per_cell: int = 3
+        self, lengths: tuple[int, ...] = (64, 128, 256), depths: tuple[float, ...] = (0.0, 0.5, 1.0), per_group: int = 3
     ) -> None:
         self.lengths = lengths
         self.depths = depths
-        self.per_cell = per_cell
+        self.per_group = per_group  # examples per (length, depth) cell
 
     def make(self, gen: torch.Generator, length: int, depth: float) -> Example:
         key = _choice(KEYS, 1, gen)[0]
@@ -161,7 +161,7 @@ class NIAH(Task):
         return Example(tokens, {"answer": answers}, {"length": length, "depth": depth})
 
     def examples(self, gen: torch.Generator) -> list[Example]:
-        return [self.make(gen, n, d) for n in self.lengths for d in self.depths for _ in range(self.per_cell)]
+        return [self.make(gen, n, d) for n in self.lengths for d in self.depths for _ in range(self.per_group)]
 
     def training_example(self, gen: torch.Generator, budget: int, sizes: torch.Generator) -> Example:
         length = int(torch.randint(16, max(17, budget), (1,), generator=sizes))
@@ -176,12 +176,12 @@ class Continual(Task):
     name = "continual"
     description = "a stream of key-value tasks in one context: recall right after each task and at the end"
 
-    def __init__(self, tasks: int = 4, pairs: int = 4, streams: int = 6) -> None:
+    def __init__(self, tasks: int = 4, pairs: int = 4, per_group: int = 6) -> None:
         if tasks * pairs > len(KEYS):
             raise RuntimeInputError(f"continual: {tasks} tasks x {pairs} pairs need more than {len(KEYS)} keys")
         self.tasks = tasks
         self.pairs = pairs
-        self.streams = streams
+        self.per_group = per_group  # streams (the table has one group: every task of every stream)
 
     def make(self, gen: torch.Generator, tasks: int, pairs: int) -> Example:
         keys = _choice(KEYS, tasks * pairs, gen, distinct=True)
@@ -208,7 +208,7 @@ class Continual(Task):
         return Example(tokens, spans, {"tasks": tasks})
 
     def examples(self, gen: torch.Generator) -> list[Example]:
-        return [self.make(gen, self.tasks, self.pairs) for _ in range(self.streams)]
+        return [self.make(gen, self.tasks, self.pairs) for _ in range(self.per_group)]
 
     def training_example(self, gen: torch.Generator, budget: int, sizes: torch.Generator) -> Example:
         pairs = self.pairs

@@ -145,20 +145,43 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_compatible(meta: dict, expected: dict, *, path: str | None = None) -> None:
-    """Raise `RuntimeInputError` naming the first key of `expected` whose value differs in `meta`."""
+    """Raise `RuntimeInputError` naming the first entry of `expected` whose value differs in `meta`; nested
+    dicts (the spec's parameters) are compared entry by entry, so the error names `params.chunks`, not the
+    whole dict."""
+    difference = _first_difference(meta, expected)
+    if difference is None:
+        return
+    key, there, here = difference
+    if there is _ABSENT:
+        raise RuntimeInputError(
+            f"the checkpoint does not record {key!r} (expected {here!r})",
+            path=path,
+            hint="the checkpoint was written by another program or version",
+        )
+    shown_here = "absent" if here is _ABSENT else repr(here)
+    raise RuntimeInputError(
+        f"the checkpoint does not match: {key} is {there!r} there but {shown_here} here",
+        path=path,
+        hint=f"use the same {key} as the run that wrote the checkpoint",
+    )
+
+
+_ABSENT = object()
+
+
+def _first_difference(meta: dict, expected: dict, prefix: str = "") -> tuple[str, object, object] | None:
     for key, value in expected.items():
-        if key not in meta:
-            raise RuntimeInputError(
-                f"the checkpoint does not record {key!r} (expected {value!r})",
-                path=path,
-                hint="the checkpoint was written by another program or version",
-            )
-        if meta[key] != value:
-            raise RuntimeInputError(
-                f"the checkpoint does not match: {key} is {meta[key]!r} there but {value!r} here",
-                path=path,
-                hint=f"use the same {key} as the run that wrote the checkpoint",
-            )
+        there = meta.get(key, _ABSENT)
+        if isinstance(there, dict) and isinstance(value, dict):
+            inner = _first_difference(there, value, f"{prefix}{key}.")
+            if inner is None and set(there) - set(value):
+                extra = sorted(set(there) - set(value))[0]
+                inner = (f"{prefix}{key}.{extra}", there[extra], _ABSENT)
+            if inner is not None:
+                return inner
+        elif there is _ABSENT or there != value:
+            return f"{prefix}{key}", there, value
+    return None
 
 
 class CheckpointManager:
