@@ -13,7 +13,6 @@ never trained under the change, so read a row as "what this part contributes", n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nestc.cli import UsageProblem, parse_sets  # noqa: E402
 from nestc.pipeline import SpecError, SpecFileError, front_end, to_plan  # noqa: E402
 from nestc_runtime import CompiledModel, RuntimeInputError  # noqa: E402
 from nestc_runtime.evaluation import evaluate, get_task, model_predictor, resolve_checkpoint  # noqa: E402
@@ -29,21 +29,9 @@ from nestc_runtime.training.checkpoint import load_checkpoint  # noqa: E402
 from nestc_runtime.training.loop import restore_model  # noqa: E402
 
 
-def parse_assignment(text: str) -> tuple[str, object]:
-    """`name=value`: a JSON value (number, list) or else a bare word (a read mode)."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise SystemExit(f"error: expected NAME=VALUE, got {text!r}")
-    try:
-        return name.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return name.strip(), value.strip()
-
-
-def score(spec: str, params: dict, ckpt: Path, task: str, examples: int | None) -> dict:
+def score(spec: str, params: dict, weights: dict, ckpt: Path, task: str, examples: int | None) -> dict:
     model = CompiledModel(to_plan(front_end(spec, params, None)))
-    tensors, _ = load_checkpoint(ckpt)
-    restore_model(model, tensors, str(ckpt))  # checks every weight's name and shape
+    restore_model(model, weights, str(ckpt))  # checks every weight's name and shape
     model.eval()
     chosen = get_task(task) if examples is None else get_task(task, per_group=examples)
     return evaluate(model_predictor(model), chosen, seed=0)
@@ -59,14 +47,18 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=None, help="per row of the table, as in `nestc eval`")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.examples is not None and args.examples < 1:
+        parser.error("--examples must be at least 1")
     torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(args.ckpt)
-    trained = dict(parse_assignment(item) for item in args.set)
+    weights, _ = load_checkpoint(ckpt)  # once: every change evaluates the same weights
+    settings = parse_sets([*args.set, *args.change])[1]  # nestc's --set syntax: numbers, words, [16,64]
+    if settings:
+        parser.error(f"only spec parameters can change here, not {', '.join(settings)}")
+    trained = parse_sets(args.set)[0]
     for change in ["", *args.change]:
-        params = dict(trained)
-        if change:
-            params.update([parse_assignment(change)])
-        result = score(args.spec, params, ckpt, args.task, args.examples)
+        params = {**trained, **parse_sets([change])[0]} if change else trained
+        result = score(args.spec, params, weights, ckpt, args.task, args.examples)
         groups = "  ".join(f"{_label(row)}: {row['accuracy']:.3f}" for row in result["rows"] if "accuracy" in row)
         headline = ", ".join(f"{key} {value:.3f}" for key, value in result["score"].items())
         print(f"{change or '(as trained)':<24} {headline:<20} {groups}", flush=True)
@@ -81,5 +73,5 @@ if __name__ == "__main__":
         main()
     except SpecError as error:  # a wrong --set: the compiler's own one-line diagnostic
         raise SystemExit(str(error).splitlines()[0]) from None
-    except (RuntimeInputError, SpecFileError) as error:
+    except (RuntimeInputError, SpecFileError, UsageProblem) as error:
         raise SystemExit(f"error: {str(error).splitlines()[0]}") from None

@@ -41,7 +41,7 @@ class UsageProblem(click.UsageError):
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
-def _parse_sets(items: Sequence[str]) -> tuple[dict[str, ParamValue], dict[str, str]]:
+def parse_sets(items: Sequence[str]) -> tuple[dict[str, ParamValue], dict[str, str]]:
     """`--set NAME=V`: bare names set spec parameters (a number, a word, or a list `[16,64]`), dotted names
     set run settings."""
     params: dict[str, ParamValue] = {}
@@ -115,7 +115,7 @@ def _compile(
     from .codegen import install
 
     install()  # a model built from this compilation asks the compiler for its Triton kernels
-    params, settings = _parse_sets(sets)
+    params, settings = parse_sets(sets)
     if settings and not run_settings:
         name = next(iter(settings))
         raise UsageProblem(f"--set {name}=...: run settings (train.*, optim.*) apply to `nestc train` only")
@@ -505,7 +505,7 @@ def eval_cmd(
     tokenizer = _checkpoint_tokenizer(ckpt)
     if task != "ppl" and tokenizer.name != "byte":
         raise UsageProblem(f"--task {task} is byte-level; this checkpoint's tokenizer is {tokenizer.name} (ppl only)")
-    explicit_vocab = "vocab" in _parse_sets(sets)[0]
+    explicit_vocab = "vocab" in parse_sets(sets)[0]
     compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, explicit_vocab)
     model, where = _load_trained(compilation, ckpt, backend, EVAL_TOKENS, force)
     if task == "ppl":
@@ -577,7 +577,7 @@ def generate(
     if state_path is not None and not Path(state_path).parent.is_dir():
         raise UsageProblem(f"--state {state_path}: no such folder {str(Path(state_path).parent)!r}")
     tokenizer = _checkpoint_tokenizer(ckpt)  # the one the checkpoint was trained with
-    compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, "vocab" in _parse_sets(sets)[0])
+    compilation = _compile_for_tokenizer(spec, sets, {}, tokenizer, "vocab" in parse_sets(sets)[0])
     model, where = _load_trained(compilation, ckpt, backend, len(prompt.encode()) + max_tokens, force)
     state, continued = None, False
     history: list[list[int]] | None = []  # the stream's calls, kept for models whose records need a replay
@@ -626,7 +626,7 @@ def _resolve_train(
     from .train_config import RunConfig, UsageProblemText, check_spec_params, load_config, merge_settings
 
     config = load_config(config_path) if config_path else RunConfig()
-    set_params, set_settings = _parse_sets(sets)
+    set_params, set_settings = parse_sets(sets)
     try:
         values, origin = merge_settings(config.settings, set_settings, flags)
         settings = TrainSettings(**values)
